@@ -1,0 +1,3 @@
+def save(*a, **k): pass
+def load(*a, **k): pass
+

@@ -1,0 +1,110 @@
+"""crate-lm: train, evaluate and interpret CRATE language models against a GPT-2 baseline.
+
+Subcommands match what people do: info, convert and export-hf live here; prepare, train and eval in
+`crate.train.cli`; interpret in `crate.eval.cli`; report, browse, steer, reproduce and demo in
+`crate.eval.report_cli`.
+
+Each subsystem's module exposes `register(subparsers)`; heavy imports stay inside the handlers so
+that `crate --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+SUBSYSTEMS = ("crate.train.cli", "crate.eval.cli", "crate.eval.report_cli")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from crate import __version__, build_model
+    from crate.config import PAPER_SIZES
+    from crate.kernels.ista import triton_available
+
+    console = Console()
+    console.print(f"crate-lm {__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    cuda = torch.cuda.is_available()
+    devices = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else "none"
+    console.print(f"CUDA: {devices}   triton: {'yes' if triton_available() else 'no'}   CPU threads: {torch.get_num_threads()}")
+    table = Table(title="Presets (parameters counted as the authors do: tied embedding once, no wpe)")
+    for col in ("preset", "n_layer", "n_head", "n_embd", "n_hidden", "CRATE params", "GPT params"):
+        table.add_column(col, justify="right")
+    with torch.device("meta"):
+        for preset in (*PAPER_SIZES, "tiny", "micro"):
+            c, g = build_model("crate", preset), build_model("gpt", preset)
+            cfg = c.config
+            table.add_row(preset, str(cfg.n_layer), str(cfg.n_head), str(cfg.n_embd), str(cfg.n_hidden),
+                          f"{c.num_params():,}", f"{g.num_params():,}")
+    console.print(table)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from crate.checkpoint import load, save
+
+    model = load(args.src, **({"activation": args.activation} if args.activation else {}))
+    save(model, args.dst)
+    print(f"wrote {args.dst} ({model.config.arch}, {model.num_params():,} parameters)")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from crate.checkpoint import load
+    from crate.hf import export_gpt2
+
+    export_gpt2(load(args.checkpoint), args.out)
+    print(f"wrote a transformers GPT2LMHeadModel directory to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crate", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("info", help="versions, devices and the presets with their parameter counts")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="convert an authors'/nanoGPT .pt checkpoint into our format")
+    p.add_argument("src", help="a .pt file (authors' release or nanoGPT) or one of our checkpoint directories")
+    p.add_argument("dst", help="output checkpoint directory")
+    p.add_argument("--activation", choices=["relu", "gelu"], help="GPT only: the MLP activation, if the file does not say")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export-hf", help="export a GPT checkpoint to a transformers GPT2LMHeadModel directory")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_export_hf)
+
+    for name in SUBSYSTEMS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from crate.errors import CrateError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CrateError, FileNotFoundError) as e:
+        # Errors of ours name the problem and the fix; a traceback would only bury them.
+        print(f"crate {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

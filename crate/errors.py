@@ -1,0 +1,17 @@
+"""Errors of ours: each message names the problem and the fix, so the CLI prints it without a traceback."""
+
+
+class CrateError(ValueError):
+    """Base of every user-facing error in crate-lm."""
+
+
+class ConfigError(CrateError):
+    """A configuration that cannot be built (unknown key, impossible shape)."""
+
+
+class CheckpointError(CrateError):
+    """A checkpoint that cannot be loaded (truncated, foreign, unsafe, mismatched keys)."""
+
+
+class TokenOutOfRangeError(CrateError):
+    """Token ids that the embedding does not have (wrong tokenizer or corrupted data)."""
