@@ -1,0 +1,190 @@
+"""Checkpoints: our format round trip, the authors' and nanoGPT `.pt` files, transformers GPT-2, bad files."""
+
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import crate
+from crate.checkpoint import read_info
+from crate.cli import main as cli
+
+transformers = pytest.importorskip("transformers", reason="pip install -e '.[test]' installs transformers")
+
+
+def tokens(model, n=2, t=17):
+    return torch.randint(0, model.config.vocab_size, (n, t))
+
+
+@pytest.mark.parametrize("arch,extra", [("crate", {}), ("crate", {"block": "alpha", "learn_eta_lambda": True}),
+                                        ("gpt", {})])
+def test_round_trip_gives_identical_logits(tmp_path, arch, extra):
+    model = crate.build_model(arch, "tiny", **extra).eval()
+    tok = {"name": "bpe-512", "vocab_size": 512, "sha256": "ab" * 32}
+    crate.save(model, tmp_path / "ckpt", tokenizer=tok, metadata={"step": 7})
+    loaded = crate.load(tmp_path / "ckpt")
+    assert not loaded.training
+    assert loaded.config == model.config
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    idx = tokens(model)
+    assert torch.equal(loaded(idx), model(idx))
+    info = read_info(tmp_path / "ckpt")
+    assert info["tokenizer"] == tok and info["metadata"] == {"step": 7}
+
+
+def test_save_replaces_atomically_and_leaves_no_temporaries(tmp_path):
+    a, b = crate.build_model("gpt", "micro"), crate.build_model("gpt", "micro")
+    crate.save(a, tmp_path / "ckpt")
+    crate.save(b, tmp_path / "ckpt")
+    idx = tokens(a)
+    assert torch.equal(crate.load(tmp_path / "ckpt")(idx), b.eval()(idx))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_kill_during_save_keeps_the_old_checkpoint(tmp_path):
+    old = crate.build_model("crate", "micro")
+    crate.save(old, tmp_path / "ckpt")
+    script = f"""
+import os, signal, safetensors.torch as st, crate
+real = st.save_file
+def dying(*a, **k):
+    real(*a, **k)
+    os.kill(os.getpid(), signal.SIGKILL)   # killed after the weights, before the rename
+import crate.checkpoint as c; c.save_file = dying
+crate.save(crate.build_model("crate", "micro", n_embd=64, n_head=2), {str(tmp_path / 'ckpt')!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", script], timeout=120)
+    assert proc.returncode == -9
+    idx = tokens(old)
+    assert torch.equal(crate.load(tmp_path / "ckpt")(idx), old.eval()(idx))
+
+
+def authors_checkpoint(model, prefix="_orig_mod."):
+    """A dict shaped like the authors' release (SPEC.md section 5), built from our weights."""
+    sd = collections.OrderedDict((prefix + k, v.clone()) for k, v in model.state_dict().items())
+    cfg = model.config
+    return {
+        "model": sd,
+        "model_args": dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                           bias=cfg.bias, vocab_size=cfg.vocab_size, dropout=0.0),
+        "iter_num": 600000,
+        "best_val_loss": torch.tensor(2.27),
+        "config": {"learning_rate": 6e-4, "dataset": "pile"},
+    }
+
+
+@pytest.mark.parametrize("arch", ["crate", "gpt"])
+def test_authors_format_loads_with_identical_logits(tmp_path, arch):
+    model = crate.build_model(arch, "tiny").eval()
+    path = tmp_path / "ckpt-600000.pt"
+    torch.save(authors_checkpoint(model), path)
+    loaded = crate.load(path)
+    assert loaded.config.arch == arch
+    assert loaded.config == model.config
+    idx = tokens(model)
+    assert torch.equal(loaded(idx), model(idx))
+    # ... and `crate convert` writes it in our format.
+    assert cli(["convert", str(path), str(tmp_path / "converted")]) == 0
+    assert torch.equal(crate.load(tmp_path / "converted")(idx), model(idx))
+
+
+def test_nanogpt_gelu_checkpoint_is_detected_as_gpt2(tmp_path):
+    model = crate.build_model("gpt", "tiny", bias=True, activation="gelu").eval()
+    ck = authors_checkpoint(model, prefix="")
+    for i in range(model.config.n_layer):  # old nanoGPT saves the causal mask buffer
+        ck["model"][f"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 128, 128).tril()
+    torch.save(ck, tmp_path / "ckpt.pt")
+    loaded = crate.load(tmp_path / "ckpt.pt")
+    assert loaded.config.activation == "gelu" and loaded.config.bias
+    idx = tokens(model)
+    assert torch.equal(loaded(idx), model(idx))
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_that_needs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": Evil()}, path)
+    with pytest.raises(crate.CheckpointError, match="needs arbitrary code"):
+        crate.load(path)
+
+
+def test_truncated_files_fail_clearly(tmp_path):
+    model = crate.build_model("crate", "micro")
+    torch.save(authors_checkpoint(model), tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(crate.CheckpointError, match="truncated"):
+        crate.load(tmp_path / "cut.pt")
+    crate.save(model, tmp_path / "dir")
+    weights = tmp_path / "dir" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(crate.CheckpointError, match="truncated or corrupted"):
+        crate.load(tmp_path / "dir")
+
+
+def test_mismatched_keys_are_named(tmp_path):
+    model = crate.build_model("crate", "tiny")
+    ck = authors_checkpoint(model, prefix="")
+    sd = ck["model"]
+    del sd["transformer.h.1.prenorm_2.bias"]
+    sd["transformer.h.0.ista.lambd"] = torch.tensor(0.1)
+    sd["transformer.h.1.attn.c_proj.weight"] = torch.zeros(64, 32)
+    torch.save(ck, tmp_path / "bad.pt")
+    with pytest.raises(crate.CheckpointError) as err:
+        crate.load(tmp_path / "bad.pt")
+    msg = str(err.value)
+    assert "missing keys ['transformer.h.1.prenorm_2.bias']" in msg
+    assert "unexpected keys ['transformer.h.0.ista.lambd']" in msg
+    assert "transformer.h.1.attn.c_proj.weight: checkpoint (64, 32) vs model (64, 64)" in msg
+
+
+def test_foreign_files_fail_clearly(tmp_path):
+    torch.save({"model": {"encoder.weight": torch.zeros(3)}}, tmp_path / "other.pt")
+    with pytest.raises(crate.CheckpointError, match="cannot tell the architecture"):
+        crate.load(tmp_path / "other.pt")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(crate.CheckpointError, match="config.json is missing"):
+        crate.load(tmp_path / "d")
+    (tmp_path / "d" / "config.json").write_text(json.dumps({"format": "other/9"}))
+    with pytest.raises(crate.CheckpointError, match="expected 'crate-lm/1'"):
+        crate.load(tmp_path / "d")
+    with pytest.raises(FileNotFoundError):
+        crate.load(tmp_path / "nothing")
+
+
+def hf_with_our_weights(model):
+    from crate.hf import gpt2_config, gpt2_state_dict
+
+    hf = transformers.GPT2LMHeadModel(gpt2_config(model)).eval()
+    hf.load_state_dict(gpt2_state_dict(model), strict=False)
+    return hf
+
+
+@pytest.mark.parametrize("extra", [{"activation": "gelu", "bias": True}, {}])
+def test_gpt_matches_transformers_and_exports(tmp_path, extra):
+    model = crate.build_model("gpt", "tiny", **extra).eval()
+    if extra.get("bias"):  # non-zero biases so that they are really compared
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+    idx = tokens(model, t=40)
+    ours = model(idx)
+    torch.testing.assert_close(hf_with_our_weights(model)(idx).logits, ours, rtol=1e-5, atol=1e-5)
+    crate.save(model, tmp_path / "ours")
+    assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(exported(idx).logits, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_crate_does_not_export_to_gpt2(tmp_path):
+    crate.save(crate.build_model("crate", "micro"), tmp_path / "c")
+    assert cli(["export-hf", str(tmp_path / "c"), str(tmp_path / "hf")]) == 2
