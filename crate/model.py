@@ -72,7 +72,9 @@ class LanguageModel(nn.Module):
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
-        if torch.compiler.is_compiling() or idx.numel() == 0:
+        # The check syncs with the device: skipped where it would stall a GPU training loop, whose
+        # data shards are validated before training starts.
+        if torch.compiler.is_compiling() or idx.numel() == 0 or (idx.is_cuda and self.training):
             return
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= self.config.vocab_size:

@@ -177,3 +177,12 @@ def test_out_of_vocabulary_tokens_fail_clearly():
         model(torch.tensor([[1, 2, 128]]))
     with pytest.raises(ValueError, match="longer than block_size=32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_cli_info_prints_the_presets(capsys):
+    from crate.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for n in PAPER_COUNTS.values():
+        assert f"{n:,}" in out
