@@ -11,6 +11,8 @@ decodes them itself (tied: D a, CRATE-alpha: D_out a), so that hooks and steerin
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
@@ -50,4 +52,198 @@ def ista_codes(
     """The dispatch point the model calls: ISTA codes through the chosen implementation."""
     if resolve_impl(impl, v.device) == "torch":
         return ista_reference(v, weight, eta, lmbda, n_steps)
-    raise NotImplementedError("the fused Triton ISTA kernel is not built yet: use ista_impl='torch'")
+    return ista_fused(v, weight, eta, lmbda, n_steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused Triton path. With r_k = a_k W - v (N, d), q_k = r_k W^T and z_k the pre-activation:
+#
+#   forward   a_1 = relu(eta v W^T - eta lmbda)                           encode      (GEMM over d)
+#             r_k = a_k W - v                                             decode      (GEMM over h)
+#             a_{k+1} = relu(a_k - eta r_k W^T - eta lmbda)               encode      (GEMM over d)
+#
+#   backward  gz_k = dL/dz_k = dL/da_k * [a_k > 0]   (masks come from the saved codes, never stored)
+#             p_k = gz_k W                                                decode      (GEMM over h)
+#             gz_{k-1} = (gz_k - eta p_k W^T) * [a_{k-1} > 0]             code_grad   (GEMM over d)
+#             dL/dv = eta sum_k p_k = eta (gz_1 W + sum_{k>=2} p_k)       decode      (GEMM over h)
+#             dL/dW = eta (gz_1^T v - sum_{k>=2} (gz_k^T r_{k-1} + a_{k-1}^T p_k))   weight_grad (one pass)
+#             dL/deta = sum_k sum(gz_k (a_k - a_{k-1})) / eta,  dL/dlmbda = -eta sum_k sum(gz_k)
+#
+# (on the support of gz_k, a_k - a_{k-1} = -eta q_{k-1} - eta lmbda, so the codes also give the
+# eta gradient, summed in code_grad's epilogue.) Saved for backward: v, W, the codes a_1..a_n and
+# the residuals r_1..r_{n-1}, all in the compute dtype; nothing is recomputed, so n steps cost
+# 2n - 1 GEMMs forward and 4n - 2 backward, exactly the GEMMs of the eager graph.
+# ----------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def ista_fused(v: Tensor, weight: Tensor, eta: Scalar, lmbda: Scalar, n_steps: int) -> Tensor:
+    """ISTA codes through the fused Triton kernels; same contract as `ista_reference`.
+
+    Runs inside autograd and torch.compile as the opaque custom ops `crate::ista_forward` and
+    `crate::ista_backward`. Under autocast it computes in the autocast dtype, like the matmuls of
+    the reference would.
+    """
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
+    if weight.dim() != 2 or v.shape[-1] != weight.shape[1]:
+        raise ValueError(f"v (..., d) and weight (h, d) disagree: v {tuple(v.shape)}, weight {tuple(weight.shape)}")
+    if torch.is_autocast_enabled(v.device.type):
+        dtype = torch.get_autocast_dtype(v.device.type)
+        v, weight = v.to(dtype), weight.to(dtype)
+    if v.dtype != weight.dtype or v.dtype not in _DTYPES:
+        raise ValueError(
+            f"the Triton ISTA kernel needs v and weight in one of {_DTYPES}, got {v.dtype} and {weight.dtype}"
+        )
+    scal = torch.stack([_scalar(eta, v.device), _scalar(lmbda, v.device)])
+    codes, _, _ = torch.ops.crate.ista_forward(v.reshape(-1, v.shape[-1]), weight.contiguous(), scal, n_steps)
+    return codes.view(*v.shape[:-1], weight.shape[0])
+
+
+def _scalar(x: Scalar, device: torch.device) -> Tensor:
+    # torch.full, not torch.tensor: a fill kernel, no blocking host-to-device copy.
+    if isinstance(x, Tensor):
+        return x.reshape(()).to(device=device, dtype=torch.float32)
+    return torch.full((), x, device=device, dtype=torch.float32)
+
+
+def _triton_kernels(device: torch.device) -> ModuleType:
+    """Import the kernels, or say exactly why they cannot run on `device`."""
+    if not triton_available():
+        raise RuntimeError("ista_impl='triton' needs the triton package (pip install triton); or use ista_impl='torch'")
+    import triton
+
+    from . import ista_triton
+
+    if device.type != "cuda":
+        if not triton.knobs.runtime.interpret:
+            raise RuntimeError(
+                f"ista_impl='triton' got tensors on {device.type}: Triton kernels run on CUDA, or on CPU only through "
+                "Triton's interpreter, enabled by setting TRITON_INTERPRET=1 in the environment before the first "
+                "call (slow; meant for tests). Otherwise use ista_impl='torch' or 'auto'."
+            )
+        if not ista_triton.INTERPRET:
+            raise RuntimeError(
+                "TRITON_INTERPRET=1 was set after crate.kernels.ista_triton was first imported, so its kernels "
+                "were built for the GPU: set TRITON_INTERPRET=1 before the process starts."
+            )
+    return ista_triton
+
+
+def _alloc(like: Tensor, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
+    """Every buffer the kernels must fully overwrite comes from here, so tests can poison them all."""
+    return like.new_empty(shape, dtype=dtype)
+
+
+def _precision(dtype: torch.dtype, interpret: bool) -> str:
+    """Follow PyTorch's own fp32 matmul setting (TF32 only when torch would use it too)."""
+    if dtype == torch.float32 and not interpret and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+@torch.library.custom_op("crate::ista_forward", mutates_args=())
+def _ista_forward(v: Tensor, weight: Tensor, scal: Tensor, n_steps: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Codes a_n (N, h), plus what backward needs: a_1..a_{n-1} (n-1, N, h) and r_1..r_{n-1} (n-1, N, d)."""
+    kt = _triton_kernels(v.device)
+    v = v.contiguous()
+    (N, D), H = v.shape, weight.shape[0]
+    precision = _precision(v.dtype, kt.INTERPRET)
+    codes, code_hist, resid_hist = _alloc(v, N, H), _alloc(v, n_steps - 1, N, H), _alloc(v, n_steps - 1, N, D)
+    a = [*code_hist.unbind(0), codes]
+    kt.launch(kt.encode_kernel, N, H, v, weight, None, a[0], scal, N, H, D,
+              SIGN=1, HAS_PREV=False, PRECISION=precision)
+    for k in range(1, n_steps):
+        kt.launch(kt.decode_kernel, N, D, a[k - 1], None, weight, v, resid_hist[k - 1], scal, N, H, D,
+                  HAS_MASK=False, HAS_Y=True, Y_SIGN=-1, SCALE_ETA=False, PRECISION=precision)
+        kt.launch(kt.encode_kernel, N, H, resid_hist[k - 1], weight, a[k - 1], a[k], scal, N, H, D,
+                  SIGN=-1, HAS_PREV=True, PRECISION=precision)
+    return codes, code_hist, resid_hist
+
+
+@_ista_forward.register_fake
+def _(v: Tensor, weight: Tensor, scal: Tensor, n_steps: int) -> tuple[Tensor, Tensor, Tensor]:
+    (N, D), H = v.shape, weight.shape[0]
+    return v.new_empty(N, H), v.new_empty(n_steps - 1, N, H), v.new_empty(n_steps - 1, N, D)
+
+
+@torch.library.custom_op("crate::ista_backward", mutates_args=())
+def _ista_backward(
+    grad: Tensor, v: Tensor, weight: Tensor, scal: Tensor, codes: Tensor, code_hist: Tensor,
+    resid_hist: Tensor, scalar_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dL/dv, dL/dweight and dL/d[eta, lmbda] (zeros unless `scalar_grads`) from dL/dcodes."""
+    kt = _triton_kernels(grad.device)
+    grad, v = grad.contiguous(), v.contiguous()
+    (N, D), H, n = v.shape, weight.shape[0], code_hist.shape[0] + 1
+    precision = _precision(v.dtype, kt.INTERPRET)
+    a = [*code_hist.unbind(0), codes]  # a[k - 1] is a_k
+    g = [*([None] * (n - 1)), grad]  # g[k - 1] is gz_k; only gz_n (the incoming gradient) is still unmasked
+    p = [None] * n  # p[k - 1] is p_k = gz_k W
+    slots = kt.max_programs(N, H)
+    partials = _alloc(v, n - 1, slots, 2, dtype=torch.float32) if scalar_grads else None
+    sums = []
+    for k in range(n, 1, -1):
+        p[k - 1] = _alloc(v, N, D)
+        kt.launch(kt.decode_kernel, N, D, g[k - 1], a[k - 1], weight, None, p[k - 1], scal, N, H, D,
+                  HAS_MASK=k == n, HAS_Y=False, Y_SIGN=1, SCALE_ETA=False, PRECISION=precision)
+        g[k - 2] = _alloc(v, N, H)
+        part = partials[k - 2] if scalar_grads else None
+        used = kt.launch(kt.code_grad_kernel, N, H, p[k - 1], weight, g[k - 1], a[k - 1], a[k - 2], g[k - 2], part,
+                         scal, N, H, D, MASK_G=k == n, SCALAR_GRADS=scalar_grads, FIRST_STEP=k == 2,
+                         PRECISION=precision)
+        if scalar_grads:
+            sums.append(part[:used].sum(0))
+
+    grad_v = _alloc(v, N, D)
+    p_sum = None if n == 1 else p[1] if n == 2 else torch.stack(p[1:]).float().sum(0)
+    kt.launch(kt.decode_kernel, N, D, g[0], a[0], weight, p_sum, grad_v, scal, N, H, D,
+              HAS_MASK=n == 1, HAS_Y=n > 1, Y_SIGN=1, SCALE_ETA=True, PRECISION=precision)
+
+    # One launch for the default 2 steps; with more, one per step into an fp32 accumulator.
+    grad_w = _alloc(weight, H, D, dtype=weight.dtype if n <= 2 else torch.float32)
+    for k in [1] if n == 1 else range(n, 1, -1):
+        has_neg, has_pos = k > 1, k <= 2
+        kt.launch(kt.weight_grad_kernel, H, D, g[0], a[0], v,
+                  g[k - 1] if has_neg else None, a[k - 1] if has_neg else None,
+                  resid_hist[k - 2] if has_neg else None, a[k - 2] if has_neg else None,
+                  p[k - 1] if has_neg else None, grad_w, scal, N, H, D,
+                  HAS_POS=has_pos, MASK0=n == 1, HAS_NEG=has_neg, MASK1=has_neg and k == n, ACCUMULATE=k < n,
+                  PRECISION=precision)
+
+    if not scalar_grads:
+        grad_scal = torch.zeros(2, device=v.device, dtype=torch.float32)
+    else:
+        if n == 1:
+            gz = torch.where(codes > 0, grad, 0).float()
+            sums.append(torch.stack([(gz * codes.float()).sum(), gz.sum()]))
+        s_eta, s_lmbda = torch.stack(sums).sum(0).unbind()
+        grad_scal = torch.stack([s_eta / scal[0], -scal[0] * s_lmbda])
+    return grad_v, grad_w.to(weight.dtype), grad_scal
+
+
+@_ista_backward.register_fake
+def _(
+    grad: Tensor, v: Tensor, weight: Tensor, scal: Tensor, codes: Tensor, code_hist: Tensor,
+    resid_hist: Tensor, scalar_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(v), torch.empty_like(weight), scal.new_empty(2)
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    v, weight, scal, _ = inputs
+    codes, code_hist, resid_hist = output
+    ctx.save_for_backward(v, weight, scal, codes, code_hist, resid_hist)
+    ctx.mark_non_differentiable(code_hist, resid_hist)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor | None, *_: Tensor | None) -> tuple:
+    if grad is None:
+        return None, None, None, None
+    grad_v, grad_w, grad_scal = torch.ops.crate.ista_backward(grad, *ctx.saved_tensors, ctx.needs_input_grad[2])
+    return grad_v, grad_w, grad_scal, None
+
+
+_ista_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,197 @@
+"""The fused Triton ISTA kernels against the float64 reference: the codes and every gradient.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, fp32 only: the
+interpreter's bf16 `tl.dot` is wrong); with CUDA the same tests run the compiled kernels, and the
+bf16 and training checks run too. Every kernel buffer starts as NaN, so a tile that a kernel forgets
+to write shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from crate.kernels import ista
+from crate.kernels.ista import ista_codes, ista_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton kernels, bf16)")
+
+# (v shape, h, ista steps): token counts and widths that are not multiples of any tile, and h = 4d.
+CASES = [
+    ((1, 7, 48), 192, 1),
+    ((1, 7, 48), 192, 2),
+    ((1, 7, 48), 192, 3),
+    ((2, 9, 72), 200, 1),
+    ((2, 9, 72), 200, 2),
+    ((2, 9, 72), 200, 3),
+    ((3, 33, 128), 512, 2),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_without_cuda() -> Iterator[None]:
+    """Set TRITON_INTERPRET=1 for this module only, before its first kernel launch defines the kernels."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not CUDA:
+            mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    def alloc(like: Tensor, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
+        return like.new_full(shape, math.nan, dtype=dtype)
+
+    monkeypatch.setattr(ista, "_alloc", alloc)
+
+
+def _inputs(shape: tuple[int, ...], h: int, dtype: torch.dtype = torch.float64) -> list[Tensor]:
+    """v like a LayerNorm output, the dictionary at its kaiming-uniform init, the paper's eta and lambda."""
+    d = shape[-1]
+    v = torch.randn(shape, dtype=dtype, device=DEVICE)
+    weight = (torch.rand(h, d, dtype=dtype, device=DEVICE) * 2 - 1) * math.sqrt(6 / d)
+    eta = torch.tensor(0.1, dtype=dtype, device=DEVICE)
+    lmbda = torch.tensor(0.1, dtype=dtype, device=DEVICE)
+    return [t.requires_grad_() for t in (v, weight, eta, lmbda)]
+
+
+def _as(leaves: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    return [t.detach().to(dtype).requires_grad_() for t in leaves]
+
+
+def _close(got: Tensor, want: Tensor, rel: float = 1e-5) -> None:
+    """fp32 against float64: errors of a few ulps of the largest entry, none of them NaN."""
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=rel * want.abs().max().item())
+
+
+@pytest.mark.parametrize("shape, h, steps", CASES)
+def test_codes_are_sparse_but_not_zero(shape: tuple[int, ...], h: int, steps: int) -> None:
+    v, weight, eta, lmbda = _inputs(shape, h)
+    for n in sorted({1, steps}):
+        active = (ista_reference(v, weight, eta, lmbda, n) > 0).double().mean().item()
+        assert 0.1 < active < 0.9, f"{n}-step codes are {active:.0%} active: the comparisons would mean little"
+
+
+@pytest.mark.parametrize("shape, h, steps", CASES)
+def test_codes_and_gradients_match_float64_reference(shape: tuple[int, ...], h: int, steps: int) -> None:
+    leaves = _inputs(shape, h)
+    want = ista_reference(*leaves, steps)
+    grad_out = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, leaves, grad_out)
+
+    ours = _as(leaves, torch.float32)
+    got = ista_codes(*ours, steps, impl="triton")
+    got_grads = torch.autograd.grad(got, ours, grad_out.float())
+
+    _close(got, want)
+    for name, g, w in zip(("v", "weight", "eta", "lmbda"), got_grads, want_grads):
+        assert g.shape == w.shape and g.dtype == torch.float32, name
+        _close(g, w)
+
+
+def test_python_float_eta_lambda() -> None:
+    v, weight, _, _ = _inputs((2, 9, 72), 200)
+    want = ista_reference(v, weight, 0.1, 0.3, 2)
+    grad_out = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (v, weight), grad_out)
+    ours = _as([v, weight], torch.float32)
+    got = ista_codes(*ours, 0.1, 0.3, 2, impl="triton")
+    _close(got, want)
+    for g, w in zip(torch.autograd.grad(got, ours, grad_out.float()), want_grads):
+        _close(g, w)
+
+
+def test_every_buffer_is_written() -> None:
+    """The ops' own outputs, intermediates included, are finite and right although they started as NaN."""
+    v, weight, eta, lmbda = _inputs((2, 9, 72), 200)
+    x, w = v.detach().float().reshape(-1, 72), weight.detach().float()
+    scal = torch.tensor([0.1, 0.1], device=DEVICE)
+    codes, code_hist, resid_hist = torch.ops.crate.ista_forward(x, w, scal, 3)
+    for k, a in enumerate([*code_hist, codes], start=1):
+        _close(a, ista_reference(v, weight, eta, lmbda, k).detach().reshape(-1, 200))
+    assert torch.isfinite(resid_hist).all()
+    grads = torch.ops.crate.ista_backward(torch.randn_like(codes), x, w, scal, codes, code_hist, resid_hist, True)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_torch_compile_fullgraph_matches_eager() -> None:
+    """The custom ops trace without graph breaks, with their fake and autograd registrations."""
+    v, weight, eta, _ = _as(_inputs((2, 7, 48), 192), torch.float32)
+    norm = torch.nn.LayerNorm(48, device=DEVICE)
+
+    def loss(x: Tensor, impl: str) -> Tensor:
+        a = ista_codes(norm(x), weight, eta, 0.1, 2, impl)
+        return (a @ weight).square().mean()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(v, "triton")
+    got_grads = torch.autograd.grad(got, (v, weight, eta))
+    want = loss(v, "torch")
+    want_grads = torch.autograd.grad(want, (v, weight, eta))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_forced_triton_on_cpu_without_interpreter_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    v, weight = torch.randn(3, 16), torch.randn(64, 16)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1.*ista_impl='torch'"):
+        ista_codes(v, weight, 0.1, 0.1, 2, impl="triton")
+
+
+@needs_cuda
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_bf16_error_at_most_twice_pytorchs(steps: int) -> None:
+    """flash-attention's rule: against float64, the kernel may be at most 2x as wrong as PyTorch in bf16."""
+    leaves = _inputs((4, 500, 256), 1024)
+    want = ista_reference(*leaves, steps)
+    grad_out = torch.randn_like(want)
+    want_all = [want, *torch.autograd.grad(want, leaves, grad_out)]
+
+    def run(impl: str) -> list[Tensor]:
+        v, weight, eta, lmbda = leaves
+        ours = _as([v, weight], torch.bfloat16) + _as([eta, lmbda], torch.float32)
+        out = ista_codes(*ours, steps, impl=impl)
+        return [out, *torch.autograd.grad(out, ours, grad_out.bfloat16())]
+
+    for name, k, t, w in zip(("codes", "v", "weight", "eta", "lmbda"), run("triton"), run("torch"), want_all):
+        kernel_err = (k.double() - w).abs().max().item()
+        torch_err = (t.double() - w).abs().max().item()
+        assert kernel_err <= 2 * torch_err + 1e-4 * w.abs().max().item(), (name, kernel_err, torch_err)
+
+
+@needs_cuda
+def test_tiny_model_trains_like_reference() -> None:
+    """50 bf16-autocast AdamW steps of the 2-layer tiny CRATE: the kernel's loss curve stays within
+    bf16 noise of the reference's (noise measured as the reference's own bf16-vs-fp32 gap)."""
+    import crate
+
+    idx = torch.randint(0, 512, (8, 65), device=DEVICE)
+
+    def curve(impl: str, autocast: bool) -> Tensor:
+        torch.manual_seed(0)
+        model = crate.build_model("crate", "tiny", ista_impl=impl).to(DEVICE)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses = []
+        for _ in range(50):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                logits = model(idx[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return torch.tensor(losses)
+
+    kernel, reference, fp32 = curve("triton", True), curve("torch", True), curve("torch", False)
+    noise = (reference - fp32).abs().max().item()
+    assert reference[-1] < reference[0] - 1.0, "the run must learn for the curves to be comparable"
+    assert (kernel - reference).abs().max().item() <= 2 * noise + 0.02, (kernel, reference, noise)
