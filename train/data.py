@@ -1,0 +1,417 @@
+"""`crate prepare`: text -> tokenized uint16/uint32 memmap shards with a train/val split and a JSON manifest.
+
+A prepared directory holds
+
+    manifest.json        tokenizer identity and hash, token counts, source, seed, shards
+    tokenizer.json       a `tokenizers` serialization
+    train-00000.bin ...  raw token streams (uint16, or uint32 when the vocabulary exceeds 65536 entries)
+    val-00000.bin ...
+
+Documents are cut into pieces at paragraph breaks (at most `piece_chars` characters); each piece goes to
+val with probability `val_fraction`, decided by a hash of (seed, document, piece), so the split is
+deterministic and the same for every machine. Each document ends with <|endoftext|>.
+Shards are committed one at a time with `progress.json`; an interrupted `prepare` resumes there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crate.train.corpus import DataError, documents
+from crate.train.tokenizer import EOT, gpt2_tokenizer, tokenizer_identity, train_bpe
+
+FORMAT = "crate-tokens/1"
+SPLITS = ("train", "val")
+MANIFEST, TOKENIZER, PROGRESS = "manifest.json", "tokenizer.json", "progress.json"
+
+__all__ = [
+    "DataError", "prepare", "read_manifest", "load_tokenizer", "open_split", "open_shards",
+    "validate_data", "token_dtype",
+]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+# --- small atomic-file helpers --------------------------------------------------------------
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+# --- reading ---------------------------------------------------------------------------------
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        hint = " (an interrupted `crate prepare`: run it again to finish)" if (Path(data_dir) / PROGRESS).exists() else ""
+        raise DataError(f"{data_dir} is not a prepared data directory: no {MANIFEST}{hint}; create one with `crate prepare`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def load_tokenizer(data_dir: str | Path) -> Any:
+    from tokenizers import Tokenizer
+
+    path = Path(data_dir) / TOKENIZER
+    if not path.is_file():
+        raise DataError(f"{data_dir} has no {TOKENIZER}; re-run `crate prepare`")
+    return Tokenizer.from_file(str(path))
+
+
+def open_shards(data_dir: str | Path, split: str) -> list[np.memmap]:
+    """The read-only memmaps of a split's shards, in order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    manifest = read_manifest(data_dir)
+    dtype = np.dtype(manifest["dtype"])
+    out = []
+    for shard in manifest["splits"][split]["shards"]:
+        path = Path(data_dir) / shard["file"]
+        if not path.is_file():
+            raise DataError(f"shard {path} listed in the manifest is missing")
+        size = path.stat().st_size
+        if size != shard["tokens"] * dtype.itemsize:
+            raise DataError(
+                f"shard {path} has {size} bytes, the manifest says {shard['tokens']} tokens of {dtype} "
+                f"({shard['tokens'] * dtype.itemsize} bytes): truncated or of another dtype; re-run `crate prepare`"
+            )
+        if shard["tokens"]:
+            out.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard["tokens"],)))
+    return out
+
+
+def open_split(data_dir: str | Path, split: str) -> np.ndarray:
+    """A split as one 1-D read-only token stream: a np.memmap for one shard, a concatenation for several."""
+    shards = open_shards(data_dir, split)
+    if not shards:
+        manifest = read_manifest(data_dir)
+        return np.zeros(0, dtype=np.dtype(manifest["dtype"]))
+    if len(shards) == 1:
+        return shards[0]
+    out = np.concatenate(shards)
+    out.flags.writeable = False
+    return out
+
+
+def validate_data(data_dir: str | Path, vocab_size: int, tokenizer_sha256: str | None = None,
+                  full_scan_limit: int = 2_000_000_000) -> dict[str, Any]:
+    """Check a prepared directory before training: manifest, shard sizes and dtype, token ids < `vocab_size`,
+    and optionally the tokenizer hash. Splits up to `full_scan_limit` tokens are scanned in full;
+    larger ones are checked against the per-shard maxima recorded by `prepare` and a sample."""
+    manifest = read_manifest(data_dir)
+    if tokenizer_sha256 is not None and manifest["tokenizer"]["sha256"] != tokenizer_sha256:
+        raise DataError(
+            f"{data_dir} was tokenized with {manifest['tokenizer']['name']} (sha256 {manifest['tokenizer']['sha256'][:12]}), "
+            f"not with the tokenizer of this run (sha256 {tokenizer_sha256[:12]})"
+        )
+    dtype = np.dtype(manifest["dtype"])
+    if dtype != token_dtype(manifest["vocab_size"]):
+        raise DataError(f"{data_dir}: dtype {dtype} does not fit vocab_size {manifest['vocab_size']}")
+    if manifest["vocab_size"] > vocab_size:
+        raise DataError(
+            f"{data_dir} has a vocabulary of {manifest['vocab_size']} tokens but the model only {vocab_size}: "
+            f"set model.vocab_size >= {manifest['vocab_size']}"
+        )
+    for split in SPLITS:
+        shards = open_shards(data_dir, split)
+        total = sum(len(s) for s in shards)
+        for info, shard in zip([s for s in manifest["splits"][split]["shards"] if s["tokens"]], shards):
+            if info.get("max_id", 0) >= vocab_size:
+                raise DataError(f"{info['file']}: token id {info['max_id']} >= vocab_size {vocab_size}")
+            if total <= full_scan_limit:
+                view = shard
+            else:  # a fixed sample of 1M tokens per shard
+                view = shard[:: max(1, len(shard) // 1_000_000)]
+            hi = 0
+            for i in range(0, len(view), 1 << 24):
+                hi = max(hi, int(view[i : i + (1 << 24)].max()))
+            if hi >= vocab_size:
+                raise DataError(
+                    f"{Path(data_dir) / info['file']}: token id {hi} >= vocab_size {vocab_size}: "
+                    f"the shard is corrupted or was tokenized with another tokenizer"
+                )
+    return manifest
+
+
+# --- preparing -------------------------------------------------------------------------------
+def _pieces(text: str, piece_chars: int) -> list[str]:
+    """Cut a document at paragraph breaks into pieces of at most about `piece_chars` characters."""
+    if len(text) <= piece_chars:
+        return [text]
+    out, cur, size = [], [], 0
+    for para in text.split("\n\n"):
+        if cur and size + len(para) > piece_chars:
+            out.append("\n\n".join(cur) + "\n\n")
+            cur, size = [], 0
+        cur.append(para)
+        size += len(para) + 2
+    out.append("\n\n".join(cur))
+    return out
+
+
+def _is_val(seed: int, doc: int, piece: int, val_fraction: float) -> bool:
+    h = hashlib.blake2b(f"{seed}:{doc}:{piece}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < val_fraction
+
+
+def _stream(source: str, args: dict[str, Any]) -> Iterator[tuple[int, str, bool]]:
+    """(split index 0=train 1=val, text, ends a document) for every piece of every document, in order."""
+    docs = documents(source, text_field=args["text_field"], hf_split=args["hf_split"], hf_config=args["hf_config"])
+    for d, text in enumerate(docs):
+        if args["max_documents"] is not None and d >= args["max_documents"]:
+            return
+        pieces = _pieces(text, args["piece_chars"])
+        for p, piece in enumerate(pieces):
+            yield int(_is_val(args["seed"], d, p, args["val_fraction"])), piece, p == len(pieces) - 1
+
+
+_WORKER_TOKENIZER: Any = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _WORKER_TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    _WORKER_TOKENIZER = Tokenizer.from_str(tokenizer_json)
+
+
+def _encode(texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in _WORKER_TOKENIZER.encode_batch(texts, add_special_tokens=False)]
+
+
+def _batches(items: Iterator[tuple[int, str, bool]], chars: int) -> Iterator[list[tuple[int, str, bool]]]:
+    batch, size = [], 0
+    for item in items:
+        batch.append(item)
+        size += len(item[1])
+        if size >= chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class _ShardWriter:
+    """Appends tokens to a split and cuts them into shards of exactly `shard_tokens` tokens."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, state: dict[str, Any]):
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.shards: list[dict[str, Any]] = state.get("shards", [])
+        pending = out / f".pending-{split}.npy"
+        self.pending = [np.load(pending)] if state.get("pending") and pending.exists() else []
+        self.n_pending = sum(len(p) for p in self.pending)
+        self.wrote = False
+
+    def add(self, ids: np.ndarray) -> None:
+        self.pending.append(ids)
+        self.n_pending += len(ids)
+        while self.n_pending >= self.shard_tokens:
+            buf = np.concatenate(self.pending)
+            self._write(buf[: self.shard_tokens])
+            rest = buf[self.shard_tokens :]
+            self.pending, self.n_pending = ([rest] if len(rest) else []), len(rest)
+
+    def _write(self, tokens: np.ndarray) -> None:
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        _write_atomic(self.out / name, tokens.astype(self.dtype, copy=False).tobytes())
+        self.shards.append({"file": name, "tokens": int(len(tokens)), "max_id": int(tokens.max()) if len(tokens) else 0})
+        self.wrote = True
+
+    def state(self) -> dict[str, Any]:
+        """Save the pending tokens; the returned dict goes into progress.json."""
+        path = self.out / f".pending-{self.split}.npy"
+        tmp = path.with_name(path.name + ".tmp.npy")
+        np.save(tmp, np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype))
+        os.replace(tmp, path)
+        return {"shards": self.shards, "pending": True}
+
+    def finish(self) -> None:
+        if self.pending:
+            self._write(np.concatenate(self.pending))
+            self.pending, self.n_pending = [], 0
+        (self.out / f".pending-{self.split}.npy").unlink(missing_ok=True)
+
+
+def prepare(
+    source: str,
+    out_dir: str | Path,
+    *,
+    tokenizer: str = "bpe",
+    vocab_size: int = 512,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    num_proc: int | None = None,
+    text_field: str = "text",
+    hf_split: str = "train",
+    hf_config: str | None = None,
+    max_documents: int | None = None,
+    shard_tokens: int = 1 << 27,
+    piece_chars: int = 8192,
+    bpe_train_chars: int = 200_000_000,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Tokenize `source` into `out_dir` (see the module docstring); returns `out_dir`.
+
+    source: "embedded" (the Shakespeare plays), a .txt/.jsonl/.parquet file or a folder of them, or
+    "hf:<dataset>" (streamed). tokenizer: "gpt2" (GPT-2 BPE, offline) or "bpe" (byte-level BPE trained on
+    the first `bpe_train_chars` characters of the training pieces, with `vocab_size` entries).
+    Running it again with the same arguments is a no-op when complete and resumes when interrupted."""
+    if tokenizer not in ("gpt2", "bpe"):
+        raise DataError(f"tokenizer must be 'gpt2' or 'bpe', got {tokenizer!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    out = Path(out_dir)
+    args = dict(
+        source=source if source == "embedded" or source.startswith("hf:") else str(Path(source).resolve()),
+        tokenizer=tokenizer, vocab_size=vocab_size if tokenizer == "bpe" else None, val_fraction=val_fraction,
+        seed=seed, text_field=text_field, hf_split=hf_split, hf_config=hf_config, max_documents=max_documents,
+        shard_tokens=shard_tokens, piece_chars=piece_chars, bpe_train_chars=bpe_train_chars if tokenizer == "bpe" else None,
+    )
+    if overwrite and out.exists():
+        for name in [MANIFEST, TOKENIZER, PROGRESS, *(p.name for p in out.glob("*-*.bin")), *(p.name for p in out.glob(".pending-*"))]:
+            (out / name).unlink(missing_ok=True)
+    if (out / MANIFEST).exists():
+        manifest = read_manifest(out)
+        if manifest["args"] != args:
+            raise DataError(f"{out} already holds data prepared with other arguments {manifest['args']}; use --overwrite or another directory")
+        return out
+    state: dict[str, Any] = {}
+    if (out / PROGRESS).exists():
+        state = json.loads((out / PROGRESS).read_text())
+        if state["args"] != args:
+            raise DataError(f"{out} holds an interrupted `prepare` with other arguments {state['args']}; use --overwrite or another directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if not args["source"].startswith("hf:") and args["source"] != "embedded":
+        from crate.train.corpus import local_files
+
+        local_files(source)  # fail early on a bad path
+
+    # 1. the tokenizer (kept from an interrupted run, so resuming tokenizes identically)
+    if (out / TOKENIZER).exists() and state:
+        tok = load_tokenizer(out)
+    elif tokenizer == "gpt2":
+        tok = gpt2_tokenizer()
+    else:
+        def train_texts() -> Iterator[str]:
+            n = 0
+            for split, text, _ in _stream(source, args):
+                if split == 0:
+                    yield text
+                    n += len(text)
+                    if n >= bpe_train_chars:
+                        return
+
+        tok = train_bpe(train_texts(), vocab_size)
+    tok_json = tok.to_str()
+    identity = tokenizer_identity(tok, "gpt2" if tokenizer == "gpt2" else f"bpe-{vocab_size}")
+    eot = tok.token_to_id(EOT)
+    dtype = token_dtype(identity["vocab_size"])
+    _write_atomic(out / TOKENIZER, tok_json.encode())
+
+    # 2. tokenize, in order, with a pool of workers; commit progress with every shard written
+    writers = [_ShardWriter(out, s, dtype, shard_tokens, state.get(s, {})) for s in SPLITS]
+    pieces_done = state.get("pieces_done", 0)
+    docs_done = state.get("documents", 0)
+    counts = state.get("counts", [0, 0])
+    nproc = max(1, num_proc if num_proc is not None else min(8, os.cpu_count() or 1))
+
+    def stream() -> Iterator[tuple[int, str, bool]]:
+        for i, item in enumerate(_stream(source, args)):
+            if i >= pieces_done:
+                yield item
+
+    batches = _batches(stream(), chars=min(1 << 20, shard_tokens))  # about one shard per commit at most
+    pool = None
+    if nproc > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("fork").Pool(nproc, initializer=_init_worker, initargs=(tok_json,))
+        encoded = pool.imap(_encode_items, batches)
+    else:
+        _init_worker(tok_json)
+        encoded = map(_encode_items, batches)
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    t0, new_tokens = time.perf_counter(), 0
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    from rich.console import Console
+
+    with Progress(*columns, disable=not progress, transient=False, console=Console(stderr=True)) as bar:
+        task = bar.add_task("tokenizing")
+        try:
+            for batch in encoded:
+                for split, ids, ends_doc in batch:
+                    if ends_doc:
+                        ids.append(eot)
+                        docs_done += 1
+                    arr = np.asarray(ids, dtype=dtype)
+                    writers[split].add(arr)
+                    counts[split] += len(arr)
+                    new_tokens += len(arr)
+                pieces_done += len(batch)
+                if any(w.wrote for w in writers):
+                    snapshot = {"args": args, "pieces_done": pieces_done, "documents": docs_done, "counts": counts}
+                    snapshot.update({s: w.state() for s, w in zip(SPLITS, writers)})
+                    _write_json(out / PROGRESS, snapshot)
+                    for w in writers:
+                        w.wrote = False
+                rate = new_tokens / max(time.perf_counter() - t0, 1e-9)
+                bar.update(task, description=f"tokenizing: {docs_done:,} documents, {sum(counts):,} tokens, {rate:,.0f} tokens/s")
+        finally:
+            if pool is not None:
+                pool.terminate()
+    for w in writers:
+        w.finish()
+    if counts[0] == 0:
+        raise DataError(f"{source}: no training tokens (empty source, or val_fraction={val_fraction} took everything)")
+
+    manifest = {
+        "format": FORMAT,
+        "source": args["source"],
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "tokenizer": identity,
+        "vocab_size": identity["vocab_size"],
+        "eot_id": eot,
+        "dtype": dtype.name,
+        "documents": docs_done,
+        "tokens": {"train": counts[0], "val": counts[1]},
+        "splits": {s: {"tokens": c, "shards": w.shards} for s, c, w in zip(SPLITS, counts, writers)},
+        "args": args,
+    }
+    _write_json(out / MANIFEST, manifest)
+    (out / PROGRESS).unlink(missing_ok=True)
+    return out
+
+
+def _encode_items(batch: list[tuple[int, str, bool]]) -> list[tuple[int, list[int], bool]]:
+    ids = _encode([text for _, text, _ in batch])
+    return [(split, i, end) for (split, _, end), i in zip(batch, ids)]
+
+
+def remove_prepared(data_dir: str | Path) -> None:
+    """Delete a prepared directory (tests and `--overwrite` of a whole folder)."""
+    shutil.rmtree(data_dir, ignore_errors=True)

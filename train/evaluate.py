@@ -1,0 +1,94 @@
+"""`crate eval`: validation loss and perplexity of a checkpoint on a prepared split.
+
+Reads our checkpoint directories and the authors'/nanoGPT `.pt` files (through `crate.load`) and our
+Lightning training checkpoints (`.ckpt`). The split is cut into non-overlapping windows of `context + 1`
+tokens; the loss is the mean over every predicted token.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from crate.errors import CheckpointError
+from crate.train.corpus import DataError
+
+
+def load_any(checkpoint: str | Path, map_location: str = "cpu") -> tuple[Any, dict[str, Any] | None]:
+    """(model in eval mode, tokenizer identity or None) from any checkpoint we know."""
+    path = Path(checkpoint)
+    if path.suffix == ".ckpt":
+        from crate.config import ModelConfig
+        from crate.model import LanguageModel
+        from crate.train.run import read_checkpoint_identity
+
+        state = read_checkpoint_identity(path)
+        model = LanguageModel(ModelConfig.from_dict(state["crate"]["model"]))
+        sd = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+        model.load_state_dict(sd, strict=False)
+        return model.eval().to(map_location), state["crate"].get("tokenizer")
+    import crate
+
+    model = crate.load(path, map_location=map_location)
+    tok = None
+    if path.is_dir():
+        from crate.checkpoint import read_info
+
+        tok = read_info(path).get("tokenizer")
+    return model, tok
+
+
+@torch.no_grad()
+def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "val", batch_size: int = 8,
+             context: int | None = None, max_batches: int | None = None, device: str | None = None,
+             progress: bool = True) -> dict[str, float]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from crate.train.data import open_shards, read_manifest
+    from crate.train.datamodule import TokenStream
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load_any(checkpoint, map_location=device)
+    manifest = read_manifest(data_dir)
+    if tok and tok.get("sha256") and tok["sha256"] != manifest["tokenizer"]["sha256"]:
+        raise DataError(
+            f"{checkpoint} was trained with tokenizer {tok.get('name')} but {data_dir} was tokenized with "
+            f"{manifest['tokenizer']['name']}: prepare the data with the checkpoint's tokenizer"
+        )
+    if manifest["vocab_size"] > model.config.vocab_size:
+        raise DataError(f"{data_dir} has {manifest['vocab_size']} token ids, the model only {model.config.vocab_size}")
+    stream = TokenStream(open_shards(data_dir, split))
+    T = min(context or model.config.block_size, model.config.block_size)
+    n_windows = (stream.n - 1) // T
+    if n_windows == 0:
+        raise DataError(f"the {split} split of {data_dir} has {stream.n} tokens, fewer than one window of {T + 1}")
+    n_batches = math.ceil(n_windows / batch_size)
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    total, count = 0.0, 0
+    columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.description}"))
+    from rich.console import Console
+
+    with Progress(*columns, disable=not progress, console=Console(stderr=True)) as bar:
+        task = bar.add_task("", total=n_batches)
+        for b in range(n_batches):
+            rows = [stream.window(w * T, T + 1) for w in range(b * batch_size, min((b + 1) * batch_size, n_windows))]
+            t = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
+            with autocast:
+                logits = model(t[:, :-1])
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), t[:, 1:].reshape(-1), reduction="sum")
+            total += float(loss)
+            count += t[:, 1:].numel()
+            bar.update(task, advance=1, description=f"loss {total / count:.4f}")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 50 else float("inf"), "tokens": count,
+            "context": T, "split": split}
+
+
+__all__ = ["evaluate", "load_any", "CheckpointError"]
