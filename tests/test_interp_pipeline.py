@@ -1,0 +1,132 @@
+"""The whole interpret pipeline on tiny models with the LLM-free backend: layout, provenance, resume, controls, CLI."""
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import crate
+from crate import build_model
+from crate.eval.interpret import InterpretConfig, run_compare, run_interpret
+from crate.eval.records import load_neuron_record
+from crate.eval.scoring import pooled_correlation
+
+T = 32
+
+
+def _stream(n=24 * T, vocab=128):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, vocab, size=n).astype(np.uint16)
+
+
+def _cfg(**kw):
+    base = dict(protocol="tar", seq_len=T, n_tokens=24 * T, batch_size=8, device="cpu", top_k=12, n_random=10,
+                per_bin=2, neurons=[0, 1, 2, 5], n_boot=200)
+    return InterpretConfig(**{**base, **kw})
+
+
+def test_run_interpret_layout_scores_and_resume(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("crate", "micro")
+    strings = [f"w{i}" for i in range(128)]
+    s = run_interpret(None, None, tmp_path, _cfg(), model=model, stream=_stream(), token_strings=strings)
+    rec = load_neuron_record(tmp_path / "records" / "0" / "5.json")
+    assert rec.neuron_id.neuron_index == 5 and len(rec.most_positive_activation_records) == 12
+    assert not (tmp_path / "records" / "0" / "3.json").exists()  # only the chosen neurons
+    assert (tmp_path / "records" / "0" / "cache.npz").exists()
+    lines = [json.loads(x) for x in (tmp_path / "scores" / "tar" / "0.jsonl").read_text().splitlines()]
+    assert [x["neuron"] for x in lines] == [0, 1, 2, 5]
+    for x in lines:
+        assert {"layer", "neuron", "explanation", "true_activations", "expected_activations", "score", "rsquared",
+                "absolute_dev_explained", "detection", "fuzzing", "provenance"} <= set(x)
+        assert len(x["true_activations"]) == len(x["expected_activations"]) == 10
+        r, _ = pooled_correlation(x["true_activations"], x["expected_activations"])
+        assert (r == pytest.approx(x["score"])) if x["score"] is not None else math.isnan(r)
+        assert x["provenance"]["protocol"] == "tar" and x["provenance"]["seed"] == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    layer0 = summary["layers"]["0"]
+    scores = [x["score"] for x in lines if x["score"] is not None]
+    assert layer0["mean"] == pytest.approx(np.mean(scores)) and layer0["n_total"] == 128
+    assert layer0["measures"]["dead"] >= 0 and "top_random_ratio_median" in layer0["measures"]
+    assert summary["aggregate"]["layers_used"] == ["0"]
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert prov["model"]["arch"] == "crate" and prov["prompt_version"]
+    # an interrupted run resumes: drop the last line, run again, the same result
+    path = tmp_path / "scores" / "tar" / "0.jsonl"
+    path.write_text("\n".join(path.read_text().splitlines()[:2]) + "\n{\"cut")
+    s2 = run_interpret(None, None, tmp_path, _cfg(), model=model, stream=_stream(), token_strings=strings)
+    assert s2["layers"]["0"]["mean"] == pytest.approx(s["layers"]["0"]["mean"])
+    assert len(path.read_text().splitlines()) == 4  # 2 kept, the cut line dropped, 2 redone
+
+
+def test_short_protocol_and_random_init_control(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("gpt", "micro")
+    w0 = model.transformer.h[0].mlp.c_fc.weight.clone() if hasattr(model.transformer.h[0], "mlp") else None
+    s = run_interpret(None, None, tmp_path / "short", _cfg(protocol="short", top_k=35), model=model, stream=_stream(),
+                      token_strings=[str(i) for i in range(128)])
+    rec = load_neuron_record(tmp_path / "short" / "records-short" / "0" / "1.json")
+    assert max(len(r.tokens) for r in rec.most_positive_activation_records) == 8
+    line = json.loads((tmp_path / "short" / "scores" / "short" / "0.jsonl").read_text().splitlines()[0])
+    assert any(i.startswith("top3:") for i in line["record_ids"])
+    assert all(len(t) <= 3 for t, i in zip(line["tokens"], line["record_ids"]) if i.startswith("top3:"))
+    c = run_interpret(None, None, tmp_path / "ctl", _cfg(control=True, seed=1), model=model, stream=_stream(),
+                      token_strings=[str(i) for i in range(128)])
+    assert c["provenance"]["model"]["control_random_init"] is True
+    assert c["provenance"]["model"]["weights_fingerprint"] != s["provenance"]["model"]["weights_fingerprint"]
+    if w0 is not None:
+        assert not torch.equal(w0, model.transformer.h[0].mlp.c_fc.weight)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from crate.train.data import prepare
+
+    root = tmp_path_factory.mktemp("interp")
+    rng = random.Random(0)
+    words = "the cat sat on a mat and the dog ran to the red house while birds sang in old trees".split()
+    paras = ["\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(8)) for _ in range(150)]
+    (root / "a.txt").write_text("\n\n".join(paras))
+    data = prepare(str(root / "a.txt"), root / "data", tokenizer="bpe", vocab_size=300, val_fraction=0.3,
+                   piece_chars=600, progress=False)
+    ckpts = {}
+    for arch in ("crate", "gpt"):
+        torch.manual_seed(0)
+        ckpts[arch] = root / arch
+        crate.save(build_model(arch, "micro", vocab_size=320), ckpts[arch])
+    return data, ckpts
+
+
+def test_run_compare_pairs_crate_and_gpt(prepared, tmp_path):
+    data, ckpts = prepared
+    s = run_compare({"crate": ckpts["crate"], "gpt": ckpts["gpt"]}, data, tmp_path, _cfg(n_tokens=20 * T),
+                    controls=True)
+    c = s["comparison"]["crate - gpt"]
+    assert set(s["controls"]) == {"crate", "gpt"} and (tmp_path / "gpt-control" / "summary.json").exists()
+    agg = s["models"]["crate"]["aggregate"]
+    assert agg["ci95"][0] <= agg["mean"] <= agg["ci95"][1]
+    a, b = s["models"]["crate"]["aggregate"]["mean"], s["models"]["gpt"]["aggregate"]["mean"]
+    assert c["paired"] and c["difference"] == pytest.approx(a - b)
+    assert (tmp_path / "crate" / "scores" / "tar" / "0.jsonl").exists()
+    rc = np.load(tmp_path / "crate" / "records" / "0" / "cache.npz")["rand_pos"]
+    rg = np.load(tmp_path / "gpt" / "records" / "0" / "cache.npz")["rand_pos"]
+    np.testing.assert_array_equal(rc, rg)  # the same random positions for both models
+    tokens = load_neuron_record(tmp_path / "crate" / "records" / "0" / "0.json").random_sample[0].tokens
+    assert any(t.strip() in {"cat", "the", "dog", "mat"} for t in tokens)  # real token strings
+
+
+def test_cli_interpret(prepared, tmp_path, capsys):
+    from crate.cli import main
+
+    data, ckpts = prepared
+    rc = main(["interpret", "-c", str(ckpts["crate"]), "-d", str(data), "-o", str(tmp_path), "--seq-len", "32",
+               "--tokens", "640", "--neurons", "0-3", "--layers", "0", "--protocol", "random"])
+    assert rc == 0
+    assert "mean x100" in capsys.readouterr().out
+    assert len((tmp_path / "scores" / "random" / "0.jsonl").read_text().splitlines()) == 4
+    rc = main(["interpret", "-c", str(ckpts["crate"]), "-d", str(data), "-o", str(tmp_path / "x"), "--protocol",
+               "nonsense"])
+    assert rc == 2 and "unknown protocol" in capsys.readouterr().err

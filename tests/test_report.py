@@ -1,0 +1,131 @@
+"""`crate report` against hand-made result files (tests/test_report_helpers.py): the numbers, not only the files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from crate.cli import main
+from crate.eval.report import ReportError, discover, latex_escape, main_table, write_report
+from test_report_helpers import PAPER_2L, make_paper_like, make_result
+
+
+def rows_by(path: Path, *keys: str) -> dict[tuple[str, ...], dict[str, str]]:
+    with open(path, newline="") as f:
+        return {tuple(r[k] for k in keys): r for r in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    root = make_paper_like(tmp_path_factory.mktemp("results"))
+    out = root / "report"
+    assert main(["report", str(root), "--out", str(out), "--n-boot", "500"]) == 0
+    return out
+
+
+def test_main_table_numbers(report: Path) -> None:
+    rows = rows_by(report / "main_table.csv", "size", "protocol")
+    assert set(rows) == {("2L", "TaR"), ("S", "TaR"), ("S", "Random-only")}
+    r = rows[("2L", "TaR")]
+    # CRATE layer 0: [0.1, 0.2, 0.3, NaN] -> 20; layer 1: [0.0, 0.1] -> 5; mean 12.5, population variance 56.25.
+    assert float(r["CRATE"]) == pytest.approx(12.5)
+    assert float(r["CRATE var"]) == pytest.approx(56.25)
+    # GPT layer 0: [0.05, 0.05] -> 5; layer 1: [0.1] * 3 -> 10; mean 7.5, variance 6.25, a degenerate CI.
+    assert float(r["GPT"]) == pytest.approx(7.5)
+    assert float(r["GPT var"]) == pytest.approx(6.25)
+    assert r["GPT 95% CI"] == "[7.50, 7.50]"
+    assert float(r["CRATE-GPT"]) == pytest.approx(5.0)
+    lo, hi = (float(x) for x in r["CRATE 95% CI"].strip("[]").split(","))
+    assert 5.0 <= lo < 12.5 < hi <= 20.0  # bounded by the extreme resamples (all-min / all-max per layer)
+    dlo, dhi = (float(x) for x in r["CRATE-GPT 95% CI"].strip("[]").split(","))
+    assert dlo == pytest.approx(lo - 7.5) and dhi == pytest.approx(hi - 7.5)  # GPT's replicates are constant
+    assert (float(r["paper CRATE"]), float(r["paper GPT"])) == (8.05, 4.2)
+    assert r["paper CRATE var"] == "" and r["neurons"] == "5 / 5" and r["layers"] == "0,1"
+    # S is the paper's 6L: its last layer (5) is excluded; CRATE layers 0..4 score k -> mean 2, variance 2.
+    s = rows[("S", "TaR")]
+    assert s["layers"] == "0,1,2,3,4"
+    assert float(s["CRATE"]) == pytest.approx(2.0) and float(s["CRATE var"]) == pytest.approx(2.0)
+    assert float(s["GPT"]) == pytest.approx(6.0) and float(s["GPT var"]) == pytest.approx(0.0)
+    assert (float(s["paper CRATE"]), float(s["paper GPT"])) == (7.96, 5.4)
+    assert (float(s["paper CRATE var"]), float(s["paper GPT var"])) == (2.29, 20.85)
+    # A protocol run for CRATE only: GPT columns empty, the paper's numbers still beside ours.
+    ro = rows[("S", "Random-only")]
+    assert float(ro["CRATE"]) == pytest.approx(2.0) and ro["GPT"] == "" and ro["CRATE-GPT"] == ""
+    assert float(ro["paper GPT"]) == 3.14
+
+
+def test_markdown_and_latex_agree_with_csv(report: Path) -> None:
+    md = (report / "main_table.md").read_text()
+    assert "| 2L | TaR | - | 12.50 | [" in md and "| 7.50 | [7.50, 7.50] | 5.00 |" in md
+    tex = (report / "main_table.tex").read_text()
+    assert tex.startswith("\\begin{tabular}") and "CRATE 95\\% CI" in tex and "2L & TaR & - & 12.50" in tex
+    assert latex_escape("a_b 50% & #1") == "a\\_b 50\\% \\& \\#1"
+
+
+def test_per_layer_measures_controls_and_val_loss(report: Path) -> None:
+    layers = rows_by(report / "layers.csv", "model", "protocol", "layer")
+    assert float(layers[("crate-2L", "TaR", "0")]["mean x100"]) == pytest.approx(20.0)
+    assert layers[("crate-2L", "TaR", "0")]["NaN scores"] == "1"
+    assert layers[("crate-S", "TaR", "5")]["used"] == "no" and layers[("crate-S", "TaR", "4")]["used"] == "yes"
+    measures = rows_by(report / "measures.csv", "model", "layer")
+    assert float(measures[("crate-2L", "1")]["sparsity"]) == pytest.approx(0.8)
+    assert float(measures[("crate-2L", "0")]["selectivity.token"]) == pytest.approx(0.3)
+    assert measures[("gpt-2L", "0")]["selectivity.token"] == ""
+    controls = rows_by(report / "controls.csv", "model", "protocol")
+    assert controls[("crate-2L-random-init", "TaR")]["init"] == "random"
+    assert float(controls[("crate-2L-random-init", "TaR")]["mean x100"]) == pytest.approx(1.0)  # (2 + 0) / 2
+    # The random-init model is a control, never a row of the main table.
+    assert float(rows_by(report / "main_table.csv", "size", "protocol")[("2L", "TaR")]["CRATE"]) == pytest.approx(12.5)
+    val = rows_by(report / "val_loss.csv", "run")
+    assert float(val[("crate-2L",)]["final val loss"]) == pytest.approx(4.2)
+    assert float(val[("crate-2L",)]["paper val loss"]) == pytest.approx(3.55)
+    assert float(val[("gpt-2L",)]["paper val loss"]) == pytest.approx(3.23)
+    assert val[("gpt-2L",)]["steps"] == "300" and val[("gpt-2L",)]["size"] == "2L"
+
+
+def test_index_links_every_file_and_plots_are_pngs(report: Path) -> None:
+    index = (report / "index.md").read_text()
+    import re
+
+    links = set(re.findall(r"\]\(([^)]+)\)", index))
+    assert {"main_table.csv", "main_table.tex", "val_loss.png", "scores_2L_TaR.png", "scores_S_TaR.png"} <= links
+    for link in links:
+        f = report / link
+        assert f.is_file(), link
+        if f.suffix == ".png":
+            assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000
+
+
+def test_subset_and_errors(tmp_path: Path) -> None:
+    make_result(tmp_path / "only", "gpt-tiny", "gpt", dict(n_layer=2, n_head=2, n_embd=32), {"short": {0: [0.2], 1: [0.4]}})
+    results, runs = discover([tmp_path / "only"])
+    assert len(results) == 1 and not runs and results[0].size == "2-layer"  # never mistaken for the paper's 2L
+    (row,) = main_table(results, n_boot=100).rows
+    assert row["protocol"] == "short-context" and row["GPT"] == pytest.approx(30.0) and "paper GPT" not in row
+    out = write_report([tmp_path / "only"], tmp_path / "rep")
+    assert "Validation loss" not in out.read_text() and (tmp_path / "rep" / "main_table.md").is_file()
+    with pytest.raises(ReportError, match="no interpretability results"):
+        write_report([_empty(tmp_path)], tmp_path / "r2")
+    bad = make_result(tmp_path / "bad", "crate-x", "crate", PAPER_2L, {"tar": {0: [0.1]}})
+    (bad / "scores" / "tar" / "0.jsonl").write_text('{"neuron": 0, "score": 0.1}\n{not json\n')
+    with pytest.raises(ReportError, match=r"0.jsonl:2"):
+        write_report([bad], tmp_path / "r3")
+    assert main(["report", str(_empty(tmp_path)), "--out", str(tmp_path / "r4")]) == 2  # a clear message, no traceback
+
+
+def _empty(tmp_path: Path) -> Path:
+    d = tmp_path / "empty"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def test_nan_only_layer_is_reported_not_crashing(tmp_path: Path) -> None:
+    nan = math.nan
+    make_result(tmp_path, "crate-2L", "crate", PAPER_2L, {"tar": {0: [nan, nan], 1: [0.1]}})
+    (row,) = main_table(discover([tmp_path])[0], n_boot=50).rows
+    assert row["CRATE"] == pytest.approx(10.0) and row["layers"] == "1"
+    assert json.loads((tmp_path / "crate-2L" / "scores" / "tar" / "0.jsonl").read_text().splitlines()[0])["score"] is None
