@@ -245,6 +245,15 @@ def test_recipes_and_overrides() -> None:
         load_recipe("no-such-recipe")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+def test_fsdp_without_a_gpu_fails_clearly() -> None:
+    from crate.train.run import world_size
+
+    cfg = load_recipe("tiny-crate", ["system.strategy=fsdp", "system.devices=2"])
+    with pytest.raises(ConfigError, match="strategy=fsdp cannot run on this machine.*requires a GPU"):
+        world_size(cfg)
+
+
 def test_flops_count_the_matmuls() -> None:
     from crate.config import preset_config
     from crate.train.flops import flops_per_token, mfu, peak_flops

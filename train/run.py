@@ -189,10 +189,18 @@ def resolve_precision(cfg: RunConfig) -> str:
 
 def world_size(cfg: RunConfig) -> int:
     """The number of processes the Trainer will run (devices x nodes), resolved as Lightning does."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
 
-    conn = _AcceleratorConnector(accelerator=cfg.system.accelerator, devices=cfg.system.devices,
-                                 num_nodes=cfg.system.num_nodes, strategy=_strategy(cfg))
+    system = cfg.system
+    try:
+        conn = _AcceleratorConnector(accelerator=system.accelerator, devices=system.devices,
+                                     num_nodes=system.num_nodes, strategy=_strategy(cfg))
+    except (ValueError, MisconfigurationException) as e:  # e.g. FSDP without a GPU
+        raise ConfigError(
+            f"system.accelerator={system.accelerator} devices={system.devices} strategy={system.strategy} "
+            f"cannot run on this machine: {e}"
+        ) from e
     return len(conn._parallel_devices) * cfg.system.num_nodes
 
 
