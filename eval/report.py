@@ -17,11 +17,14 @@ validation-loss column. Scores are recomputed from the per-neuron lines (they ar
 only read for the explanation-free measures and the controls), so the tables hold for any subset of sizes,
 protocols and layers that was run.
 
-Statistics: a layer's score is the mean over its scored neurons (NaN scores dropped and counted); a model's
-score is the mean of its per-layer means over the layers used (the last layer is excluded for models of 6 or
-more layers, as in the paper), its variance the population variance of those per-layer means. Intervals are
-percentile bootstraps over neurons (resampled within each layer, seeded); CRATE - GPT resamples both models
-independently (their neurons do not correspond).
+Statistics, all computed by crate.eval.stats (the module `crate interpret` uses; the report only scales by 100):
+a layer's score is the mean over its scored neurons (NaN scores dropped and counted; `layer_summary`); a model's
+score is the mean of its per-layer means over the layers used, its variance the population variance of those
+per-layer means (`model_aggregate`). The layers used are the numbered layers with a finite score less the last
+layer of 6- and 12-layer models, as in the paper (`used_layers`, exclude_last="auto"; the depth is the config's,
+else one past the highest scored layer). Intervals are percentile bootstraps over neurons, resampled within each
+layer and seeded (`bootstrap_ci`, `aggregate_ci`); CRATE - GPT (`compare_models`) resamples the same neuron
+indices in both models when both scored the same neurons (paired), else each model independently.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from crate.errors import CrateError
+from crate.eval import stats
 
 # --- the paper's numbers (SPEC.md sections 4 and 6) --------------------------------------------------------
 PROTOCOLS = ("TaR", "Random-only", "short-context")
@@ -424,53 +428,59 @@ class Aggregate:
     layers_used: list[str]
     layers: list[LayerStat]
     n_neurons: int
-    boot: np.ndarray  # bootstrap replicates of `mean`
 
 
-def _clean(values: list[float]) -> np.ndarray:
-    a = np.asarray(values, dtype=float)
-    return a[np.isfinite(a)]
+def layer_scores(result: ModelResult, protocol: str) -> dict[str, dict[Any, float]]:
+    """{layer: {neuron: score}} of one protocol, the input of crate.eval.stats (a neuron scored twice: the last
+    line counts, as when `crate interpret` resumes)."""
+    def key(n: Any) -> Any:
+        try:
+            return int(n)
+        except (TypeError, ValueError):
+            return n
+
+    return {layer: {key(r["neuron"]): score_value(r) for r in rows} for layer, rows in result.scores[protocol].items()}
 
 
-def layer_boot(values: np.ndarray, rng: np.random.Generator, n_boot: int = N_BOOT) -> np.ndarray:
-    """Bootstrap replicates of the mean of `values` (x100)."""
-    if len(values) == 0:
-        return np.full(n_boot, np.nan)
-    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
-    return values[idx].mean(axis=1) * 100
+def _model_layers(scores: dict[str, dict[Any, float]]) -> list[str]:
+    """The layers that can enter a model's score: the numbered ones (all, if none is numbered)."""
+    return [k for k in scores if k.isdigit()] or list(scores)
 
 
-def layers_used(layers: list[str], n_layer: int | None) -> list[str]:
-    """The paper excludes the last layer of its 6- and 12-layer models."""
-    numeric = [layer for layer in layers if layer.isdigit()]
-    n = n_layer or (max(int(x) for x in numeric) + 1 if numeric else 0)
-    if n >= 6:
-        return [layer for layer in numeric if int(layer) != n - 1]
-    return numeric or list(layers)
+def _n_layer(result: ModelResult, layers: list[str]) -> int | None:
+    """The model's depth: its config's, else one past its highest scored layer."""
+    numeric = [int(k) for k in layers if k.isdigit()]
+    return result.n_layer if result.n_layer is not None else (max(numeric) + 1 if numeric else None)
 
 
 def aggregate(result: ModelResult, protocol: str, seed: int = 0, n_boot: int = N_BOOT) -> Aggregate:
-    rng = np.random.default_rng(seed)
-    stats, boots = [], {}
-    for layer, rows in result.scores[protocol].items():
-        raw = [score_value(r) for r in rows]
-        vals = _clean(raw)
-        b = layer_boot(vals, rng, n_boot)
-        boots[layer] = b
-        m = float(vals.mean() * 100) if len(vals) else math.nan
-        lo, hi = (np.nanpercentile(b, [2.5, 97.5]) if len(vals) else (math.nan, math.nan))
-        stats.append(LayerStat(layer, m, float(lo), float(hi), len(vals), len(raw) - len(vals)))
-    used = [s for s in stats if s.layer in layers_used([s.layer for s in stats], result.n_layer) and s.n > 0]
+    """Per-layer means and intervals (stats.layer_summary) and the model's score (stats.model_aggregate over
+    stats.used_layers, interval stats.aggregate_ci), all x100; layers without a finite score are not used."""
+    scores = layer_scores(result, protocol)
+    layers = []
+    for layer, by_neuron in scores.items():
+        s = stats.layer_summary(list(by_neuron.values()), n_boot=n_boot, seed=seed)
+        layers.append(LayerStat(layer, s["mean"] * 100, s["ci95"][0] * 100, s["ci95"][1] * 100, s["n"], s["n_nan"]))
+    n = {s.layer: s.n for s in layers}
+    candidates = _model_layers(scores)
+    agg = stats.model_aggregate({s.layer: s.mean for s in layers if s.layer in candidates and s.n > 0},
+                                _n_layer(result, candidates), exclude_last="auto")
+    used = agg["layers_used"]
     if not used:
         nan = math.nan
-        return Aggregate(nan, nan, nan, nan, [], stats, 0, np.full(n_boot, nan))
-    means = np.array([s.mean for s in used])
-    boot = np.mean([boots[s.layer] for s in used], axis=0)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return Aggregate(
-        mean=float(means.mean()), var=float(means.var()), lo=float(lo), hi=float(hi),
-        layers_used=[s.layer for s in used], layers=stats, n_neurons=sum(s.n for s in used), boot=boot,
-    )
+        return Aggregate(nan, nan, nan, nan, [], layers, 0)
+    lo, hi = stats.aggregate_ci(scores, used, n_boot=n_boot, seed=seed)
+    return Aggregate(mean=agg["mean"], var=agg["var_pop"], lo=lo * 100, hi=hi * 100, layers_used=used, layers=layers,
+                     n_neurons=sum(n[k] for k in used))
+
+
+def difference(a: ModelResult, b: ModelResult, protocol: str, seed: int = 0, n_boot: int = N_BOOT) -> dict[str, Any]:
+    """stats.compare_models for a - b on one protocol, x100: paired when both scored the same neuron indices."""
+    sa, sb = layer_scores(a, protocol), layer_scores(b, protocol)
+    la, lb = _model_layers(sa), _model_layers(sb)
+    c = stats.compare_models({k: sa[k] for k in la}, {k: sb[k] for k in lb}, _n_layer(a, la), _n_layer(b, lb),
+                             exclude_last="auto", n_boot=n_boot, seed=seed)
+    return {**c, "difference": c["difference"] * 100, "ci95": [x * 100 for x in c["ci95"]]}
 
 
 # --- tables ----------------------------------------------------------------------------------------------
@@ -531,7 +541,7 @@ def latex_escape(s: str) -> str:
 def fmt_ci(lo: float, hi: float) -> str:
     if math.isnan(lo) or math.isnan(hi):
         return "-"
-    return f"[{lo:.2f}, {hi:.2f}]"
+    return f"[{round(lo, 2) + 0.0:.2f}, {round(hi, 2) + 0.0:.2f}]"  # + 0.0: never "-0.00"
 
 
 def _groups(results: list[ModelResult]) -> dict[tuple[str, str, str], dict[str, ModelResult]]:
@@ -571,9 +581,9 @@ def main_table(results: list[ModelResult], seed: int = 0, n_boot: int = N_BOOT) 
         if g:
             row.update({"GPT": g.mean, "GPT 95% CI": fmt_ci(g.lo, g.hi), "GPT var": g.var})
         if c and g:
-            diff = c.boot - g.boot
-            lo, hi = np.nanpercentile(diff, [2.5, 97.5]) if np.isfinite(diff).any() else (math.nan, math.nan)
-            row.update({"CRATE-GPT": c.mean - g.mean, "CRATE-GPT 95% CI": fmt_ci(float(lo), float(hi))})
+            d = (difference(by_arch["crate"], by_arch["gpt"], protocol, seed, n_boot)
+                 if c.layers_used and g.layers_used else {"difference": math.nan, "ci95": [math.nan, math.nan]})
+            row.update({"CRATE-GPT": d["difference"], "CRATE-GPT 95% CI": fmt_ci(*d["ci95"])})
         key = (paper_row(size) or "", protocol)
         if key in PAPER_SCORES:
             row["paper CRATE"], row["paper GPT"] = PAPER_SCORES[key]
@@ -586,8 +596,9 @@ def main_table(results: list[ModelResult], seed: int = 0, n_boot: int = N_BOOT) 
     note = (
         "Scores are Pearson correlations x100: the mean over layers of the per-layer mean over neurons; `var` is "
         "the population variance of the per-layer means (x100 units). 95% CIs: percentile bootstrap over neurons "
-        f"({n_boot} resamples, seed {seed}); CRATE-GPT resamples both models independently. The last layer of "
-        "6- and 12-layer models is excluded, as in the paper. `paper` columns: Bai & Ma (arXiv 2410.16443), "
+        f"({n_boot} resamples, seed {seed}); CRATE-GPT resamples the same neurons in both models when both scored "
+        "the same neuron indices (paired), else each independently. The last layer of 6- and 12-layer models (only "
+        "those) is excluded, as in the paper. `paper` columns: Bai & Ma (arXiv 2410.16443), "
         "SPEC.md section 6 (its S and B are the paper's 6L and 12L); `-` where the paper has no number or the "
         "size is not one of the paper's."
     )

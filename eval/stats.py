@@ -1,5 +1,8 @@
 """Statistics the paper lacks: bootstrap intervals over neurons, the paper's aggregation, paired comparisons.
 
+The one implementation of these statistics: `crate interpret` (crate.eval.interpret) and `crate report`
+(crate.eval.report, which scales them by 100) both compute through this module.
+
 - `layer_summary(scores, n_total)`: mean over neurons with a percentile-bootstrap 95% interval; NaN scores
   (dead or constant neurons) are counted in `n_nan` and left out. When the neurons are a sample of the layer
   (n < n_total), `ci95_fpc` applies the finite-population correction sqrt((N - n) / (N - 1)) to the interval's

@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from crate.cli import main
 from crate.eval.report import ReportError, discover, latex_escape, main_table, write_report
 from test_report_helpers import PAPER_2L, make_paper_like, make_result
+
+
+def exact_bootstrap(layers: list[list[float]]) -> np.ndarray:
+    """Every equally likely bootstrap resample of a model's score (mean of the layers' means over their finite
+    resampled scores), by brute-force enumeration: the distribution the report's intervals estimate."""
+    per_layer = []
+    for v in layers:
+        means = []
+        for pick in itertools.product(v, repeat=len(v)):
+            f = np.asarray(pick, dtype=float)
+            f = f[np.isfinite(f)]
+            means.append(f.mean() if len(f) else math.nan)
+        per_layer.append(means)
+    return np.asarray([np.nanmean(c) for c in itertools.product(*per_layer)])
 
 
 def rows_by(path: Path, *keys: str) -> dict[tuple[str, ...], dict[str, str]]:
@@ -40,9 +56,16 @@ def test_main_table_numbers(report: Path) -> None:
     assert r["GPT 95% CI"] == "[7.50, 7.50]"
     assert float(r["CRATE-GPT"]) == pytest.approx(5.0)
     lo, hi = (float(x) for x in r["CRATE 95% CI"].strip("[]").split(","))
-    assert 5.0 <= lo < 12.5 < hi <= 20.0  # bounded by the extreme resamples (all-min / all-max per layer)
+    assert 5.0 <= lo < 12.5 < hi <= 20.0
+    # The exact bootstrap distribution of CRATE's score, every resample of both layers enumerated (neurons are
+    # resampled within a layer, a resample's NaNs dropped). 500 resamples put the 2.5% and 97.5% quantiles
+    # between its 1% and 5%, and its 95% and 99%, quantiles; GPT's resamples are constant (7.5), so CRATE - GPT's
+    # interval is CRATE's shifted by 7.5, up to resampling noise of the same size.
+    exact = exact_bootstrap([[10, 20, 30, math.nan], [0, 10]])
+    low, high = np.quantile(exact, [0.01, 0.05]), np.quantile(exact, [0.95, 0.99])
     dlo, dhi = (float(x) for x in r["CRATE-GPT 95% CI"].strip("[]").split(","))
-    assert dlo == pytest.approx(lo - 7.5) and dhi == pytest.approx(hi - 7.5)  # GPT's replicates are constant
+    for a, b in ((lo, hi), (dlo + 7.5, dhi + 7.5)):
+        assert low[0] <= a <= low[1] and high[0] <= b <= high[1], (a, b, low, high)
     assert (float(r["paper CRATE"]), float(r["paper GPT"])) == (8.05, 4.2)
     assert r["paper CRATE var"] == "" and r["neurons"] == "5 / 5" and r["layers"] == "0,1"
     # S is the paper's 6L: its last layer (5) is excluded; CRATE layers 0..4 score k -> mean 2, variance 2.
@@ -129,3 +152,30 @@ def test_nan_only_layer_is_reported_not_crashing(tmp_path: Path) -> None:
     (row,) = main_table(discover([tmp_path])[0], n_boot=50).rows
     assert row["CRATE"] == pytest.approx(10.0) and row["layers"] == "1"
     assert json.loads((tmp_path / "crate-2L" / "scores" / "tar" / "0.jsonl").read_text().splitlines()[0])["score"] is None
+
+
+def test_crate_gpt_difference_is_paired_when_neurons_match(tmp_path: Path) -> None:
+    cfg = dict(n_layer=2, n_head=2, n_embd=32)
+    crate = {"tar": {0: [0.1, 0.2, 0.3], 1: [0.3, 0.1]}}
+    # The same neuron indices, each GPT neuron 0.1 below its CRATE one: every paired resample differs by exactly 10.
+    make_result(tmp_path / "paired", "crate-t", "crate", cfg, crate)
+    make_result(tmp_path / "paired", "gpt-t", "gpt", cfg, {"tar": {0: [0.0, 0.1, 0.2], 1: [0.2, 0.0]}})
+    (row,) = main_table(discover([tmp_path / "paired"])[0], n_boot=200).rows
+    assert row["CRATE-GPT"] == pytest.approx(10.0) and row["CRATE-GPT 95% CI"] == "[10.00, 10.00]"
+    assert row["CRATE 95% CI"] != "[20.00, 20.00]"  # each model alone varies
+    # GPT scored another neuron set: resampled independently, the difference's interval is no longer a point.
+    make_result(tmp_path / "unpaired", "crate-t", "crate", cfg, crate)
+    make_result(tmp_path / "unpaired", "gpt-t", "gpt", cfg, {"tar": {0: [0.0, 0.1, 0.2, 0.1], 1: [0.2, 0.0]}})
+    (row,) = main_table(discover([tmp_path / "unpaired"])[0], n_boot=200).rows
+    lo, hi = (float(x) for x in row["CRATE-GPT 95% CI"].strip("[]").split(","))
+    assert row["CRATE-GPT"] == pytest.approx(10.0) and lo < 9.0 and hi > 11.0
+
+
+def test_last_layer_rule_is_the_papers(tmp_path: Path) -> None:
+    """Only 6- and 12-layer models drop their last layer (crate.eval.stats.used_layers); an 8-layer one keeps it."""
+    for n in (8, 12):
+        make_result(tmp_path / str(n), f"crate-{n}", "crate", dict(n_layer=n, n_head=2, n_embd=32),
+                    {"tar": {k: [k / 100] for k in range(n)}})
+        (row,) = main_table(discover([tmp_path / str(n)])[0], n_boot=20).rows
+        used = list(range(n - 1 if n == 12 else n))
+        assert row["layers"] == ",".join(map(str, used)) and row["CRATE"] == pytest.approx(np.mean(used))
