@@ -1,12 +1,26 @@
-"""crate-lm: train, evaluate and interpret CRATE white-box language models against a GPT-2 baseline."""
+"""crate-lm: train, evaluate and interpret CRATE white-box language models against a GPT-2 baseline.
 
-from crate.checkpoint import load, save
-from crate.config import ModelConfig, preset_config
-from crate.errors import CheckpointError, ConfigError, CrateError, TokenOutOfRangeError
-from crate.model import LanguageModel, build_model
+The public names are imported lazily (PEP 562) so that `crate --help` does not wait for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "build_model", "load", "save", "LanguageModel", "ModelConfig", "preset_config",
-    "ConfigError", "CheckpointError", "CrateError", "TokenOutOfRangeError", "__version__",
-]
+
+_EXPORTS = {
+    "build_model": "crate.model", "LanguageModel": "crate.model",
+    "load": "crate.checkpoint", "save": "crate.checkpoint",
+    "ModelConfig": "crate.config", "preset_config": "crate.config",
+    "CrateError": "crate.errors", "ConfigError": "crate.errors", "CheckpointError": "crate.errors",
+    "TokenOutOfRangeError": "crate.errors",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'crate' has no attribute {name!r}")
