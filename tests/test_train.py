@@ -273,18 +273,42 @@ def test_flops_count_the_matmuls() -> None:
     assert mfu(1e5, preset_config("gpt", "B"), peak=989e12) == pytest.approx(1e5 * gpt["train"] / 989e12)
 
 
-def test_ddp_two_processes_match_one(data_dir: Path, tmp_path: Path) -> None:
-    """2 gloo processes (micro 2 x accumulation 2 each) vs 1 process (micro 4 x accumulation 2): same global batch."""
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("launch", ["ddp", "torchrun-2-nodes"])
+def test_ddp_two_processes_match_one(data_dir: Path, tmp_path: Path, launch: str) -> None:
+    """2 gloo processes (micro 2 x accumulation 2 each) vs 1 process (micro 4 x accumulation 2): same global batch.
+
+    `ddp`: one node, Lightning starts the second process. `torchrun-2-nodes`: two torchrun launches on loopback,
+    one per node (system.num_nodes=2), as a multi-node job starts."""
     common = [f"data.path={data_dir}", "data.source=null", "model.preset=micro", "model.block_size=32",
               "train.context=32", "train.max_steps=6", "train.batch_size=8", "train.val_every=0",
               "train.final_val_batches=4", "train.lr_decay_steps=6", "train.warmup_steps=2", "train.lr=3e-3",
               "system.accelerator=cpu", "system.wandb=off", "system.log_every=1", "system.progress_bar=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "crate.cli", "train", "--config", "tiny-crate"]
-    ddp = subprocess.run(cmd + ["--out", str(tmp_path / "ddp"), *common, "train.micro_batch_size=2",
-                                "system.devices=2", "system.strategy=ddp"],
-                         env=env, capture_output=True, text=True, timeout=240)
-    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    args = ["train", "--config", "tiny-crate", "--out", str(tmp_path / "ddp"), *common, "train.micro_batch_size=2"]
+    if launch == "ddp":
+        cmds = [[sys.executable, "-m", "crate.cli", *args, "system.devices=2", "system.strategy=ddp"]]
+    else:
+        port = free_port()
+        cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                 f"--node-rank={rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                 "-m", "crate.cli", *args, "system.devices=1", "system.num_nodes=2", "system.strategy=ddp"]
+                for rank in (0, 1)]
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in cmds]
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-4000:]
+    import yaml
+
+    resolved = yaml.safe_load((tmp_path / "ddp" / "config.yaml").read_text())["resolved"]
+    assert (resolved["world_size"], resolved["accumulation"]) == (2, 2)
     single = load_recipe("tiny-crate", [*common, "train.micro_batch_size=4", "system.devices=1"])
     train(single, out=tmp_path / "one", progress=False)
     a, b = step_losses(tmp_path / "ddp"), step_losses(tmp_path / "one")
