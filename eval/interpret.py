@@ -268,7 +268,7 @@ def score_neuron(windows: dict[str, Any], protocol: Protocol, explainer: Explain
             rng = random.Random(seed)
             marks_true = [[v >= 1 for v in normalise(true[i], m)] for i in act]
             marks_false = []
-            for i, mk in zip(act, marks_true):
+            for mk in marks_true:
                 k = sum(mk)
                 wrong = set(rng.sample(range(len(mk)), k=min(k, len(mk))))
                 marks_false.append([j in wrong for j in range(len(mk))])
