@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from crate.atomic import fsync_dir
 from crate.config import ModelConfig
 from crate.errors import CheckpointError, ConfigError
 from crate.model import LanguageModel
@@ -54,7 +55,7 @@ def save(
         save_file(state, tmp / WEIGHTS, metadata={"format": FORMAT})
         info = {"format": FORMAT, "model": model.config.to_dict(), "tokenizer": tokenizer, "metadata": metadata or {}}
         (tmp / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -69,17 +70,9 @@ def _replace_dir(src: Path, dst: Path) -> None:
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)
     os.replace(src, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_info(path: str | os.PathLike) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from crate.atomic import write_bytes
 from crate.train.corpus import DataError, documents
 from crate.train.tokenizer import EOT, gpt2_tokenizer, tokenizer_identity, train_bpe
 
@@ -43,18 +44,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
-# --- small atomic-file helpers --------------------------------------------------------------
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -234,7 +225,7 @@ class _ShardWriter:
 
     def _write(self, tokens: np.ndarray) -> None:
         name = f"{self.split}-{len(self.shards):05d}.bin"
-        _write_atomic(self.out / name, tokens.astype(self.dtype, copy=False).tobytes())
+        write_bytes(self.out / name, tokens.astype(self.dtype, copy=False).tobytes())
         self.shards.append({"file": name, "tokens": int(len(tokens)), "max_id": int(tokens.max()) if len(tokens) else 0})
         self.wrote = True
 
@@ -328,7 +319,7 @@ def prepare(
     identity = tokenizer_identity(tok, "gpt2" if tokenizer == "gpt2" else f"bpe-{vocab_size}")
     eot = tok.token_to_id(EOT)
     dtype = token_dtype(identity["vocab_size"])
-    _write_atomic(out / TOKENIZER, tok_json.encode())
+    write_bytes(out / TOKENIZER, tok_json.encode())
 
     # 2. tokenize, in order, with a pool of workers; commit progress with every shard written
     writers = [_ShardWriter(out, s, dtype, shard_tokens, state.get(s, {})) for s in SPLITS]

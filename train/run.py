@@ -27,6 +27,7 @@ import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from crate.atomic import atomic_file, write_bytes
 from crate.errors import CheckpointError, ConfigError, CrateError
 from crate.train.config import RunConfig, load_recipe
 from crate.train.corpus import DataError
@@ -39,23 +40,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     previous checkpoint intact and never a half-written one under the final name."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        try:  # make the rename itself durable
-            fd = os.open(path.parent, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-        except OSError:
-            pass
+        with atomic_file(path) as f:
+            torch.save(checkpoint, f)
 
 
 # --- callbacks ---------------------------------------------------------------------------------
@@ -425,25 +411,22 @@ def export_module(module: Any, out: Path, tok: Any, tok_id: dict[str, Any], mani
                 "data": {"source": manifest.get("source"), "tokens": manifest.get("tokens")} if manifest else None}
     path = Path(crate.save(model, out, tokenizer=dict(tok_id) if tok_id else None, metadata=metadata) or out)
     if tok is not None:
-        from crate.train.data import _write_atomic
-
-        _write_atomic(path / "tokenizer.json", tok.to_str().encode())
+        write_bytes(path / "tokenizer.json", tok.to_str().encode())
     return path
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, data_dir: str | Path | None = None) -> Path:
     """Any Lightning training checkpoint of ours (last, step-N, best) -> our checkpoint directory."""
-    from crate.model import LanguageModel
+    from crate.checkpoint import load_state
     from crate.config import ModelConfig
+    from crate.model import LanguageModel
 
     ckpt = Path(ckpt)
     state = read_checkpoint_identity(ckpt)
     cfg = ModelConfig.from_dict(state["crate"]["model"])
     model = LanguageModel(cfg)
     sd = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if [k for k in missing if k != "lm_head.weight"] or unexpected:
-        raise CheckpointError(f"{ckpt}: state dict does not match its config (missing {missing}, unexpected {unexpected})")
+    load_state(model, sd)
     tok_id = state["crate"].get("tokenizer")
     tok, manifest = None, None
     if data_dir is None:
