@@ -5,8 +5,11 @@
 
 For each shape and implementation: forward, backward and forward+backward times (medians with 20% and
 80% quantiles of `triton.testing.do_bench`), the memory the forward leaves alive for backward (codes
-included) and the peak of a forward+backward, both above the inputs. "gemm floor" is the summed time
-of the same GEMMs through torch.matmul, with none of the elementwise work: what a perfect fusion costs.
+included) and the peak of a forward+backward, both above the inputs. "triton" keeps the intermediate
+codes and residuals for backward; "triton-recompute" keeps only the output codes and recomputes the rest
+in backward (2n - 2 extra GEMMs). "gemm floor" is the summed time of the eager graph's GEMMs (2n - 1
+forward, 4n - 2 backward) through torch.matmul, with none of the elementwise work: what a perfect fusion
+without recomputation costs.
 The smoke mode only checks that the harness runs (wall-clock timer, no compile, no memory).
 """
 
@@ -77,6 +80,7 @@ def gemm_floor(v: Tensor, weight: Tensor, grad: Tensor, n_steps: int) -> tuple[C
 def implementations(n_steps: int, smoke: bool) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
     impls: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
         "triton": lambda v, w: ista_codes(v, w, ETA, LMBDA, n_steps, impl="triton"),
+        "triton-recompute": lambda v, w: ista_codes(v, w, ETA, LMBDA, n_steps, impl="triton", recompute=True),
         "eager": lambda v, w: ista_reference(v, w, ETA, LMBDA, n_steps),
     }
     if not smoke:

@@ -52,6 +52,9 @@ class ModelConfig:
     learn_eta_lambda: bool = False
     block: Literal["crate", "alpha"] = "crate"  # "alpha": decoupled decoder D_out and a residual
     ista_impl: Literal["auto", "triton", "torch"] = "auto"
+    # Fused kernels only: save just the codes and recompute the ISTA intermediates in the backward
+    # (about half the saved activation memory for 2 extra GEMMs per layer).
+    ista_recompute: bool = False
     init_std: float = 0.02
     layer_norm_eps: float = 1e-5
 

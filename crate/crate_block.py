@@ -45,6 +45,7 @@ class ISTA(nn.Module):
         super().__init__()
         self.n_steps = cfg.ista_steps
         self.impl = cfg.ista_impl
+        self.recompute = cfg.ista_recompute
         self.weight = nn.Parameter(torch.empty(cfg.n_hidden, cfg.n_embd))
         if cfg.learn_eta_lambda:
             self.eta = nn.Parameter(torch.tensor(cfg.eta))
@@ -58,7 +59,7 @@ class ISTA(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=0.0)
 
     def forward(self, v: Tensor) -> Tensor:
-        return ista_codes(v, self.weight, self.eta, self.lmbda, self.n_steps, self.impl)
+        return ista_codes(v, self.weight, self.eta, self.lmbda, self.n_steps, self.impl, recompute=self.recompute)
 
 
 class CrateBlock(nn.Module):

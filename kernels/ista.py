@@ -47,12 +47,16 @@ def triton_available() -> bool:
 
 
 def ista_codes(
-    v: Tensor, weight: Tensor, eta: Scalar, lmbda: Scalar, n_steps: int, impl: str = "auto"
+    v: Tensor, weight: Tensor, eta: Scalar, lmbda: Scalar, n_steps: int, impl: str = "auto", *,
+    recompute: bool = False,
 ) -> Tensor:
-    """The dispatch point the model calls: ISTA codes through the chosen implementation."""
+    """The dispatch point the model calls: ISTA codes through the chosen implementation.
+
+    `recompute` only affects the fused path (see `ista_fused`); the eager reference ignores it.
+    """
     if resolve_impl(impl, v.device) == "torch":
         return ista_reference(v, weight, eta, lmbda, n_steps)
-    return ista_fused(v, weight, eta, lmbda, n_steps)
+    return ista_fused(v, weight, eta, lmbda, n_steps, recompute=recompute)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,20 +74,28 @@ def ista_codes(
 #             dL/deta = sum_k sum(gz_k (a_k - a_{k-1})) / eta,  dL/dlmbda = -eta sum_k sum(gz_k)
 #
 # (on the support of gz_k, a_k - a_{k-1} = -eta q_{k-1} - eta lmbda, so the codes also give the
-# eta gradient, summed in code_grad's epilogue.) Saved for backward: v, W, the codes a_1..a_n and
-# the residuals r_1..r_{n-1}, all in the compute dtype; nothing is recomputed, so n steps cost
-# 2n - 1 GEMMs forward and 4n - 2 backward, exactly the GEMMs of the eager graph.
+# eta gradient, summed in code_grad's epilogue.) Two modes:
+#
+#   store-all (default)  saved for backward: v, W, eta/lmbda, the codes a_1..a_n and the residuals
+#                        r_1..r_{n-1}, all in the compute dtype; nothing is recomputed, so n steps cost
+#                        2n - 1 GEMMs forward and 4n - 2 backward, exactly the GEMMs of the eager graph.
+#   recompute=True       saved: only v, W, eta/lmbda and the output codes a_n, which the block holds
+#                        anyway; backward first reruns the forward kernels for a_1..a_{n-1} and
+#                        r_1..r_{n-1} (2n - 2 extra GEMMs: 2 for the paper's 2 steps, 9 -> 11 in all).
 # ----------------------------------------------------------------------------------------------
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def ista_fused(v: Tensor, weight: Tensor, eta: Scalar, lmbda: Scalar, n_steps: int) -> Tensor:
+def ista_fused(
+    v: Tensor, weight: Tensor, eta: Scalar, lmbda: Scalar, n_steps: int, *, recompute: bool = False
+) -> Tensor:
     """ISTA codes through the fused Triton kernels; same contract as `ista_reference`.
 
     Runs inside autograd and torch.compile as the opaque custom ops `crate::ista_forward` and
     `crate::ista_backward`. Under autocast it computes in the autocast dtype, like the matmuls of
-    the reference would.
+    the reference would. With `recompute=True` the backward recomputes the intermediate codes and
+    residuals instead of keeping them (less saved memory, 2n - 2 more GEMMs); results are the same.
     """
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
@@ -97,7 +109,9 @@ def ista_fused(v: Tensor, weight: Tensor, eta: Scalar, lmbda: Scalar, n_steps: i
             f"the Triton ISTA kernel needs v and weight in one of {_DTYPES}, got {v.dtype} and {weight.dtype}"
         )
     scal = torch.stack([_scalar(eta, v.device), _scalar(lmbda, v.device)])
-    codes, _, _ = torch.ops.crate.ista_forward(v.reshape(-1, v.shape[-1]), weight.contiguous(), scal, n_steps)
+    codes, _, _ = torch.ops.crate.ista_forward(
+        v.reshape(-1, v.shape[-1]), weight.contiguous(), scal, n_steps, bool(recompute)
+    )
     return codes.view(*v.shape[:-1], weight.shape[0])
 
 
@@ -143,41 +157,78 @@ def _precision(dtype: torch.dtype, interpret: bool) -> str:
     return "ieee"
 
 
+def _run_steps(kt: ModuleType, v: Tensor, weight: Tensor, scal: Tensor, a: list[Tensor], r: list[Tensor],
+               precision: str) -> None:
+    """The forward kernels: a[0] = a_1, then r[k-1] = r_k and a[k] = a_{k+1} while there are buffers.
+
+    The forward passes n code buffers and n - 1 residual buffers; the recomputing backward passes
+    n - 1 of each, so it stops before the last encode (a_n is saved).
+    """
+    if not a:
+        return
+    (N, D), H = v.shape, weight.shape[0]
+    kt.launch(kt.encode_kernel, N, H, v, weight, None, a[0], scal, N, H, D,
+              SIGN=1, HAS_PREV=False, PRECISION=precision)
+    for k in range(1, len(r) + 1):
+        kt.launch(kt.decode_kernel, N, D, a[k - 1], None, weight, v, r[k - 1], scal, N, H, D,
+                  HAS_MASK=False, HAS_Y=True, Y_SIGN=-1, SCALE_ETA=False, PRECISION=precision)
+        if k < len(a):
+            kt.launch(kt.encode_kernel, N, H, r[k - 1], weight, a[k - 1], a[k], scal, N, H, D,
+                      SIGN=-1, HAS_PREV=True, PRECISION=precision)
+
+
+def _history_shapes(N: int, H: int, D: int, n_steps: int, recompute: bool) -> tuple[tuple[int, ...], ...]:
+    """Shapes of the code and residual histories the forward returns (empty when they are recomputed)."""
+    m = 0 if recompute else n_steps - 1
+    return (m, N, H), (m, N, D)
+
+
 @torch.library.custom_op("crate::ista_forward", mutates_args=())
-def _ista_forward(v: Tensor, weight: Tensor, scal: Tensor, n_steps: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Codes a_n (N, h), plus what backward needs: a_1..a_{n-1} (n-1, N, h) and r_1..r_{n-1} (n-1, N, d)."""
+def _ista_forward(
+    v: Tensor, weight: Tensor, scal: Tensor, n_steps: int, recompute: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Codes a_n (N, h), plus what backward needs: a_1..a_{n-1} (n-1, N, h) and r_1..r_{n-1} (n-1, N, d).
+
+    With `recompute` both histories are returned empty (0, N, .): the backward rebuilds them.
+    """
     kt = _triton_kernels(v.device)
     v = v.contiguous()
     (N, D), H = v.shape, weight.shape[0]
     precision = _precision(v.dtype, kt.INTERPRET)
-    codes, code_hist, resid_hist = _alloc(v, N, H), _alloc(v, n_steps - 1, N, H), _alloc(v, n_steps - 1, N, D)
-    a = [*code_hist.unbind(0), codes]
-    kt.launch(kt.encode_kernel, N, H, v, weight, None, a[0], scal, N, H, D,
-              SIGN=1, HAS_PREV=False, PRECISION=precision)
-    for k in range(1, n_steps):
-        kt.launch(kt.decode_kernel, N, D, a[k - 1], None, weight, v, resid_hist[k - 1], scal, N, H, D,
-                  HAS_MASK=False, HAS_Y=True, Y_SIGN=-1, SCALE_ETA=False, PRECISION=precision)
-        kt.launch(kt.encode_kernel, N, H, resid_hist[k - 1], weight, a[k - 1], a[k], scal, N, H, D,
-                  SIGN=-1, HAS_PREV=True, PRECISION=precision)
+    codes = _alloc(v, N, H)
+    code_hist, resid_hist = _alloc(v, n_steps - 1, N, H), _alloc(v, n_steps - 1, N, D)
+    _run_steps(kt, v, weight, scal, [*code_hist.unbind(0), codes], list(resid_hist.unbind(0)), precision)
+    if recompute:
+        code_hist, resid_hist = (v.new_empty(s) for s in _history_shapes(N, H, D, n_steps, True))
     return codes, code_hist, resid_hist
 
 
 @_ista_forward.register_fake
-def _(v: Tensor, weight: Tensor, scal: Tensor, n_steps: int) -> tuple[Tensor, Tensor, Tensor]:
+def _(v: Tensor, weight: Tensor, scal: Tensor, n_steps: int, recompute: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     (N, D), H = v.shape, weight.shape[0]
-    return v.new_empty(N, H), v.new_empty(n_steps - 1, N, H), v.new_empty(n_steps - 1, N, D)
+    hist, resid = _history_shapes(N, H, D, n_steps, recompute)
+    return v.new_empty(N, H), v.new_empty(hist), v.new_empty(resid)
 
 
 @torch.library.custom_op("crate::ista_backward", mutates_args=())
 def _ista_backward(
-    grad: Tensor, v: Tensor, weight: Tensor, scal: Tensor, codes: Tensor, code_hist: Tensor,
-    resid_hist: Tensor, scalar_grads: bool,
+    grad: Tensor, v: Tensor, weight: Tensor, scal: Tensor, codes: Tensor, code_hist: Tensor | None,
+    resid_hist: Tensor | None, n_steps: int, scalar_grads: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dL/dv, dL/dweight and dL/d[eta, lmbda] (zeros unless `scalar_grads`) from dL/dcodes."""
+    """dL/dv, dL/dweight and dL/d[eta, lmbda] (zeros unless `scalar_grads`) from dL/dcodes.
+
+    The histories a_1..a_{n-1} and r_1..r_{n-1} come from the forward, or are None (recompute mode):
+    then they are rebuilt here with the forward kernels, before the backward proper.
+    """
     kt = _triton_kernels(grad.device)
     grad, v = grad.contiguous(), v.contiguous()
-    (N, D), H, n = v.shape, weight.shape[0], code_hist.shape[0] + 1
+    (N, D), H, n = v.shape, weight.shape[0], n_steps
     precision = _precision(v.dtype, kt.INTERPRET)
+    if code_hist is None or resid_hist is None:
+        code_hist, resid_hist = _alloc(v, n - 1, N, H), _alloc(v, n - 1, N, D)
+        _run_steps(kt, v, weight, scal, list(code_hist.unbind(0)), list(resid_hist.unbind(0)), precision)
+    if code_hist.shape[0] != n - 1 or resid_hist.shape[0] != n - 1:
+        raise ValueError(f"{n} ISTA steps need {n - 1} saved codes and residuals, got {code_hist.shape[0]}")
     a = [*code_hist.unbind(0), codes]  # a[k - 1] is a_k
     g = [*([None] * (n - 1)), grad]  # g[k - 1] is gz_k; only gz_n (the incoming gradient) is still unmasked
     p = [None] * n  # p[k - 1] is p_k = gz_k W
@@ -225,25 +276,34 @@ def _ista_backward(
 
 @_ista_backward.register_fake
 def _(
-    grad: Tensor, v: Tensor, weight: Tensor, scal: Tensor, codes: Tensor, code_hist: Tensor,
-    resid_hist: Tensor, scalar_grads: bool,
+    grad: Tensor, v: Tensor, weight: Tensor, scal: Tensor, codes: Tensor, code_hist: Tensor | None,
+    resid_hist: Tensor | None, n_steps: int, scalar_grads: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return torch.empty_like(v), torch.empty_like(weight), scal.new_empty(2)
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
-    v, weight, scal, _ = inputs
+    v, weight, scal, n_steps, recompute = inputs
     codes, code_hist, resid_hist = output
-    ctx.save_for_backward(v, weight, scal, codes, code_hist, resid_hist)
+    ctx.n_steps, ctx.recompute = n_steps, recompute
+    if recompute:  # only what the block holds anyway (v, weight, output) and the two scalars
+        ctx.save_for_backward(v, weight, scal, codes)
+    else:
+        ctx.save_for_backward(v, weight, scal, codes, code_hist, resid_hist)
     ctx.mark_non_differentiable(code_hist, resid_hist)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor | None, *_: Tensor | None) -> tuple:
     if grad is None:
-        return None, None, None, None
-    grad_v, grad_w, grad_scal = torch.ops.crate.ista_backward(grad, *ctx.saved_tensors, ctx.needs_input_grad[2])
-    return grad_v, grad_w, grad_scal, None
+        return None, None, None, None, None
+    saved = ctx.saved_tensors
+    v, weight, scal, codes = saved[:4]
+    code_hist, resid_hist = (None, None) if ctx.recompute else saved[4:]
+    grad_v, grad_w, grad_scal = torch.ops.crate.ista_backward(
+        grad, v, weight, scal, codes, code_hist, resid_hist, ctx.n_steps, ctx.needs_input_grad[2]
+    )
+    return grad_v, grad_w, grad_scal, None, None
 
 
 _ista_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -9,7 +9,7 @@ to write shows up as a mismatch.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -117,17 +117,26 @@ def test_every_buffer_is_written() -> None:
     for k, a in enumerate([*code_hist, codes], start=1):
         _close(a, ista_reference(v, weight, eta, lmbda, k).detach().reshape(-1, 200))
     assert torch.isfinite(resid_hist).all()
-    grads = torch.ops.crate.ista_backward(torch.randn_like(codes), x, w, scal, codes, code_hist, resid_hist, True)
+    grad = torch.randn_like(codes)
+    grads = torch.ops.crate.ista_backward(grad, x, w, scal, codes, code_hist, resid_hist, 3, True)
     assert all(torch.isfinite(g).all() for g in grads)
+    # Recompute mode: the forward returns no history, the backward rebuilds it in its own (NaN) buffers.
+    codes2, code_hist2, resid_hist2 = torch.ops.crate.ista_forward(x, w, scal, 3, True)
+    assert code_hist2.shape == (0, 18, 200) and resid_hist2.shape == (0, 18, 72)
+    torch.testing.assert_close(codes2, codes, rtol=0, atol=0)
+    grads2 = torch.ops.crate.ista_backward(grad, x, w, scal, codes2, None, None, 3, True)
+    for g, g2 in zip(grads, grads2):
+        torch.testing.assert_close(g2, g, rtol=0, atol=0)
 
 
-def test_torch_compile_fullgraph_matches_eager() -> None:
+@pytest.mark.parametrize("recompute", [False, True])
+def test_torch_compile_fullgraph_matches_eager(recompute: bool) -> None:
     """The custom ops trace without graph breaks, with their fake and autograd registrations."""
     v, weight, eta, _ = _as(_inputs((2, 7, 48), 192), torch.float32)
     norm = torch.nn.LayerNorm(48, device=DEVICE)
 
     def loss(x: Tensor, impl: str) -> Tensor:
-        a = ista_codes(norm(x), weight, eta, 0.1, 2, impl)
+        a = ista_codes(norm(x), weight, eta, 0.1, 2, impl, recompute=recompute)
         return (a @ weight).square().mean()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
@@ -138,6 +147,66 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
     torch.testing.assert_close(got, want)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_recompute_mode_matches_store_all_and_reference(steps: int) -> None:
+    """recompute=True reruns the same forward kernels in backward: the same codes and gradients, bit for bit."""
+    leaves = _inputs((3, 11, 48), 192)
+    want = ista_reference(*leaves, steps)
+    grad_out = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, leaves, grad_out)
+
+    results = {}
+    for recompute in (False, True):
+        ours = _as(leaves, torch.float32)
+        got = ista_codes(*ours, steps, impl="triton", recompute=recompute)
+        results[recompute] = [got, *torch.autograd.grad(got, ours, grad_out.float())]
+    names = ("codes", "v", "weight", "eta", "lmbda")
+    for name, stored, recomputed, w in zip(names, results[False], results[True], [want, *want_grads]):
+        torch.testing.assert_close(recomputed, stored, rtol=0, atol=0, msg=name)
+        _close(recomputed, w)
+
+
+def _saved_bytes(fn: Callable[[], Tensor], held: list[Tensor]) -> tuple[int, int]:
+    """Bytes autograd saves for backward while `fn` runs, each storage once: (all of them, those above
+    what the block holds anyway, i.e. leaving out the storages of `held` and of fn's output)."""
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    anyway = {t.untyped_storage().data_ptr() for t in (*held, out)}
+    return sum(saved.values()), sum(b for p, b in saved.items() if p not in anyway)
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_saved_bytes_recompute_at_most_half_of_eager(learnable: bool) -> None:
+    """Counted with saved_tensors_hooks (device-independent), 2 steps, d=48 h=192, 33 tokens, fp32.
+
+    Above what the block holds anyway (v, weight, eta/lmbda, the output codes): eager keeps a1 and r
+    (plus D^T v and r D^T with learnable eta/lambda); store-all keeps a1 and r (and the 8-byte [eta,
+    lambda]); recompute keeps only the 8 bytes. See benchmarks/RESULTS.md.
+    """
+    (N, d), h = (33, 48), 192
+    v, weight, eta, lmbda = _as(_inputs((N, d), h), torch.float32)
+    if not learnable:
+        eta, lmbda = 0.1, 0.1
+    held = [v, weight] + ([eta, lmbda] if learnable else [])
+
+    def measure(impl: str, recompute: bool = False) -> tuple[int, int]:
+        return _saved_bytes(lambda: ista_codes(v, weight, eta, lmbda, 2, impl, recompute=recompute), held)
+
+    eager, stored, recomputed = measure("torch"), measure("triton"), measure("triton", True)
+    a1, r, scal = 4 * N * h, 4 * N * d, 8
+    assert eager[1] == a1 + r + (2 * a1 if learnable else 0)
+    assert stored[1] == a1 + r + scal
+    assert recomputed[1] == scal
+    assert recomputed[1] <= 0.5 * eager[1]
+    assert recomputed[0] == 4 * (N * d + h * d + N * h) + scal  # v, weight, codes: the block holds them anyway
 
 
 def test_forced_triton_on_cpu_without_interpreter_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,3 +264,26 @@ def test_tiny_model_trains_like_reference() -> None:
     noise = (reference - fp32).abs().max().item()
     assert reference[-1] < reference[0] - 1.0, "the run must learn for the curves to be comparable"
     assert (kernel - reference).abs().max().item() <= 2 * noise + 0.02, (kernel, reference, noise)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_model_with_fused_kernels_matches_the_reference_model(recompute: bool) -> None:
+    """The model's config reaches the kernels: `ista_impl: triton` (+ `ista_recompute`) vs `torch`, same weights."""
+    import crate
+
+    fused = crate.build_model("crate", "micro", ista_impl="triton", ista_recompute=recompute).to(DEVICE)
+    eager = crate.build_model("crate", "micro", ista_impl="torch").to(DEVICE)
+    eager.load_state_dict(fused.state_dict())
+    idx = torch.randint(0, fused.config.vocab_size, (2, 13), device=DEVICE)
+    calls = []
+    real = ista.ista_fused
+    with pytest.MonkeyPatch.context() as mp:  # the fused path is really taken, with the configured mode
+        mp.setattr(ista, "ista_fused", lambda *a, **k: calls.append(k) or real(*a, **k))
+        loss_f = F.cross_entropy(fused(idx).flatten(0, 1), idx.flatten())
+    assert calls == [{"recompute": recompute}] * fused.config.n_layer
+    loss_e = F.cross_entropy(eager(idx).flatten(0, 1), idx.flatten())
+    loss_f.backward()
+    loss_e.backward()
+    torch.testing.assert_close(loss_f, loss_e, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(fused.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
