@@ -11,12 +11,13 @@ decodes them itself (tied: D a, CRATE-alpha: D_out a), so that hooks and steerin
 
 from __future__ import annotations
 
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 from torch import Tensor
 
 Scalar = float | Tensor
+Kernels = ModuleType | SimpleNamespace  # `ista_triton`, or the launch recorder of `ista_aot`
 
 
 def ista_reference(v: Tensor, weight: Tensor, eta: Scalar, lmbda: Scalar, n_steps: int) -> Tensor:
@@ -157,7 +158,7 @@ def _precision(dtype: torch.dtype, interpret: bool) -> str:
     return "ieee"
 
 
-def _run_steps(kt: ModuleType, v: Tensor, weight: Tensor, scal: Tensor, a: list[Tensor], r: list[Tensor],
+def _run_steps(kt: Kernels, v: Tensor, weight: Tensor, scal: Tensor, a: list[Tensor], r: list[Tensor],
                precision: str) -> None:
     """The forward kernels: a[0] = a_1, then r[k-1] = r_k and a[k] = a_{k+1} while there are buffers.
 
@@ -191,7 +192,13 @@ def _ista_forward(
 
     With `recompute` both histories are returned empty (0, N, .): the backward rebuilds them.
     """
-    kt = _triton_kernels(v.device)
+    return forward_launches(_triton_kernels(v.device), v, weight, scal, n_steps, recompute)
+
+
+def forward_launches(
+    kt: Kernels, v: Tensor, weight: Tensor, scal: Tensor, n_steps: int, recompute: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward op's body, launching through `kt` (the kernel module, or `ista_aot`'s recorder)."""
     v = v.contiguous()
     (N, D), H = v.shape, weight.shape[0]
     precision = _precision(v.dtype, kt.INTERPRET)
@@ -220,7 +227,15 @@ def _ista_backward(
     The histories a_1..a_{n-1} and r_1..r_{n-1} come from the forward, or are None (recompute mode):
     then they are rebuilt here with the forward kernels, before the backward proper.
     """
-    kt = _triton_kernels(grad.device)
+    return backward_launches(_triton_kernels(grad.device), grad, v, weight, scal, codes, code_hist, resid_hist,
+                             n_steps, scalar_grads)
+
+
+def backward_launches(
+    kt: Kernels, grad: Tensor, v: Tensor, weight: Tensor, scal: Tensor, codes: Tensor,
+    code_hist: Tensor | None, resid_hist: Tensor | None, n_steps: int, scalar_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward op's body, launching through `kt` like `forward_launches`."""
     grad, v = grad.contiguous(), v.contiguous()
     (N, D), H, n = v.shape, weight.shape[0], n_steps
     precision = _precision(v.dtype, kt.INTERPRET)
