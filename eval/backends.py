@@ -88,7 +88,9 @@ class HFLLM:
             model = model.to(self.device)
         self.model, self.tok = model.eval(), tokenizer
         name = str(source) if source is not None else getattr(model.config, "_name_or_path", "") or type(model).__name__
-        n_params = sum(p.numel() for p in model.parameters())
+        # transformers counts a 4-bit weight's elements, not the bytes it is packed into
+        count = getattr(model, "num_parameters", None)
+        n_params = count() if count else sum(p.numel() for p in model.parameters())
         self.identity = {"backend": "hf", "model": name, "quantize": quantize, "n_params": int(n_params),
                          "weights_sum": float(sum(float(p.detach().float().sum()) for p in list(model.parameters())[:4]))}
         self._cand_cache: dict[tuple[str, ...], list[int | None]] = {}
@@ -105,7 +107,7 @@ class HFLLM:
                 from transformers import BitsAndBytesConfig
                 import bitsandbytes  # noqa: F401
             except ImportError as e:
-                raise BackendError("4-bit loading needs bitsandbytes and a CUDA GPU: pip install bitsandbytes") from e
+                raise BackendError("4-bit loading needs bitsandbytes (CUDA, or CPU from 0.50 on): pip install bitsandbytes") from e
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16)
             kwargs["device_map"] = self.device
         elif quantize is not None:
@@ -120,6 +122,15 @@ class HFLLM:
                 tok = AutoTokenizer.from_pretrained(source)
                 model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except OSError as e:
+            from huggingface_hub import constants as hub
+
+            if hub.HF_HUB_OFFLINE and not path.exists():
+                raise BackendError(
+                    f"cannot load the LLM {source!r}: it is neither a local directory nor (complete) in the local "
+                    f"Hugging Face cache {hub.HF_HUB_CACHE}, and HF_HUB_OFFLINE=1 forbids downloading it. Download it "
+                    f"first where there is network, into that cache (HF_HUB_CACHE / HF_HOME): `hf download {source}` "
+                    f"(`huggingface-cli download {source}` with an older huggingface_hub); or pass a local "
+                    f"directory or .gguf file. ({e})") from e
             raise BackendError(f"cannot load the LLM {source!r}: {e}") from e
         return model, tok
 

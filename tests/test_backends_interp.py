@@ -1,9 +1,11 @@
 """LLM backends: a real tiny transformers model in-process, an OpenAI-compatible server on loopback, the cache,
 and one neuron end to end with the embedded SmolLM2 (when installed)."""
 
+import hashlib
 import importlib.util
 import json
 import math
+import os
 import string
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from crate.eval import backends
 from crate.eval.activations import Window
-from crate.eval.backends import SMOLLM2_INSTALL, BackendError, CachedLLM, HFLLM, HTTPLLM
+from crate.eval.backends import SMOLLM2_INSTALL, BackendError, CachedLLM, HFLLM, HTTPLLM, make_llm
 from crate.eval.interpret import score_neuron
 from crate.eval.prompts import DIGITS, simulate_pieces
 from crate.eval.protocols import get_protocol
@@ -59,6 +62,96 @@ def test_hf_backend_generates_reproducibly_and_simulates(tiny_hf):
     assert a == b and len(a) > 0
     sim = LLMSimulator(tiny_hf).simulate("cats", [["the", " cat"], ["dog"]])
     assert [len(s) for s in sim] == [2, 1] and all(0 <= v <= 9 for s in sim for v in s)
+
+
+def _as_hub_cache(src, cache, repo_id):
+    """Lay the files of `src` out as huggingface_hub does in its cache: models--org--name/blobs/<etag> (sha256 for
+    LFS files, the git blob sha1 otherwise), refs/main holding the commit, snapshots/<commit>/<file> -> relative
+    symlinks to the blobs."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True)
+    etags = {}
+    for f in sorted(src.iterdir()):
+        data = f.read_bytes()
+        lfs = f.suffix in (".safetensors", ".bin")
+        etags[f.name] = (hashlib.sha256(data) if lfs else hashlib.sha1(b"blob %d\0" % len(data) + data)).hexdigest()
+        (repo / "blobs" / etags[f.name]).write_bytes(data)
+    commit = hashlib.sha1(json.dumps(etags, sort_keys=True).encode()).hexdigest()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)  # no newline, as huggingface_hub writes it
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name, etag in etags.items():
+        os.symlink(os.path.join("..", "..", "blobs", etag), snap / name)
+
+
+def test_hf_backend_loads_a_hub_id_from_the_offline_cache(tiny_hf, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    src = tmp_path / "saved"
+    tiny_hf.model.save_pretrained(src)
+    tiny_hf.tok.save_pretrained(src)
+    assert (src / "model.safetensors").exists() and (src / "config.json").exists()
+    cache = tmp_path / "hub"
+    _as_hub_cache(src, cache, "crate-test/tiny-gpt2")
+    # what a user gets with `HF_HUB_OFFLINE=1 HF_HUB_CACHE=...`: huggingface_hub reads both into its constants at
+    # import (already done), and every look-up reads the constants, so set those as well as the environment
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(backends, "_LOADED", {})
+
+    hub = make_llm("hf:crate-test/tiny-gpt2", device="cpu", batch_size=2)
+    local = HFLLM(src, device="cpu", batch_size=2)  # the independent reference: the same files, by path
+    assert hub.identity["model"] == "crate-test/tiny-gpt2" and hub.identity["n_params"] == local.identity["n_params"]
+    ref = tiny_hf.model.state_dict()
+    for k, v in hub.model.state_dict().items():  # the saved weights, not a fresh random init
+        assert torch.equal(v, ref[k]), k
+    prompts = [simulate_pieces("cats", ["the", " cat"]), simulate_pieces("x", ["a", "b", "c"])]
+    want = local.slot_probs(prompts, DIGITS)
+    for got, exp, orig in zip(hub.slot_probs(prompts, DIGITS), want, tiny_hf.slot_probs(prompts, DIGITS)):
+        np.testing.assert_allclose(got, exp, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(got, orig, rtol=1e-6, atol=1e-9)
+    assert hub.tok.get_vocab() == tiny_hf.tok.get_vocab()
+
+    with pytest.raises(BackendError, match=r"HF_HUB_OFFLINE=1") as e:
+        make_llm("hf:crate-test/not-cached", device="cpu")
+    assert "hf download crate-test/not-cached" in str(e.value) and str(cache) in str(e.value)
+    assert "local directory" in str(e.value)
+
+
+def test_hf_backend_runs_4bit_weights(tiny_hf, tmp_path):
+    """quantize='4bit' (bitsandbytes NF4, as the paper's explainer ran), on CPU: the linear layers hold packed 4-bit
+    weights, and the slot probabilities are those of the same model with its weights replaced by their dequantized
+    values (reference: a plain transformers forward), not those of the full-precision weights."""
+    import copy
+
+    import bitsandbytes as bnb
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)  # large weights: peaked probabilities, so 4-bit rounding shows in them
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_hf.tok), n_embd=64, n_layer=1, n_head=2,
+                                       initializer_range=0.3, bos_token_id=None, eos_token_id=None))
+    model.save_pretrained(tmp_path)
+    tiny_hf.tok.save_pretrained(tmp_path)
+    full = HFLLM(tmp_path, device="cpu", batch_size=2)
+    q4 = HFLLM(tmp_path, device="cpu", batch_size=2, quantize="4bit")
+    layers = {n: m for n, m in q4.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == 4 and all(m.weight.dtype == torch.uint8 for m in layers.values())  # attn, proj, fc, proj
+    assert q4.identity["quantize"] == "4bit" and q4.identity["n_params"] == full.identity["n_params"]
+
+    dequantized = copy.deepcopy(full.model)
+    targets = dict(dequantized.named_modules())
+    with torch.no_grad():
+        for name, m in layers.items():  # GPT-2's Conv1D stores the transpose of a Linear weight
+            targets[name].weight.copy_(bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).T)
+    ref = HFLLM(model=dequantized, tokenizer=tiny_hf.tok, device="cpu", batch_size=2)
+    prompts = [simulate_pieces("cats", ["the", " cat"]), simulate_pieces("x", ["a", "b", "c"])]
+    got, want, unquantized = (m.slot_probs(prompts, DIGITS) for m in (q4, ref, full))
+    for g, w, u in zip(got, want, unquantized):
+        np.testing.assert_allclose(g[:, :10], w[:, :10], rtol=0.05)  # fp16 compute, as configured
+        assert np.abs(u[:, :10] / w[:, :10] - 1).max() > 0.5  # full precision is far off: the test can tell
 
 
 # --------------------------------------------------------------------------------------------------------
