@@ -30,6 +30,10 @@ TINY_SIZES: dict[str, dict[str, int]] = {
 PRESETS: tuple[str, ...] = tuple(PAPER_SIZES) + tuple(TINY_SIZES)
 
 
+# How the ISTA codes are computed, not what they are: a run may resume or load under other values.
+IMPLEMENTATION_KEYS = ("ista_impl", "ista_recompute")
+
+
 @dataclass
 class ModelConfig:
     arch: Arch = "crate"

@@ -20,9 +20,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from crate.train.run import run_from_cli
+    from crate.train.run import global_rank, run_from_cli
 
     summary = run_from_cli(args.config, args.overrides, args.out, args.resume)
+    if global_rank() != 0:  # rank 0 reports for all
+        return 0
     if summary.get("preempted"):
         print(f"preempted at step {summary['step']}: resume with `crate train --resume {summary['run_dir']}`")
     elif "val_loss" in summary:

@@ -65,8 +65,7 @@ class SystemConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1
-    strategy: str = "auto"  # auto (DDP when several devices), ddp, ddp_spawn, fsdp, deepspeed...
-    fsdp_wrap: str = "block"  # fsdp: shard each transformer block
+    strategy: str = "auto"  # auto (DDP when several devices), ddp, ddp_spawn, fsdp (FSDP2, per block), deepspeed...
     log_every: int = 10
     wandb: str = "auto"  # auto: on when logged in or WANDB_MODE is set (offline otherwise never needed); on; off
     wandb_project: str = "crate-lm"

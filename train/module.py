@@ -52,15 +52,20 @@ class LMModule(L.LightningModule):
         self._micro_losses: list[torch.Tensor] = []
         self.step_loss: float | None = None  # mean over the step's micro-batches and ranks
         self.grad_norm: float | None = None
+        self._sharded = self._compiled = False
 
-    # --- compile ----------------------------------------------------------------------------
+    # --- sharding and compile -------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.train_cfg.get("compile") and not getattr(self, "_compiled", False):
+        """Called by the Trainer before every fit/validate: FSDP2 shards first (its strategy sets the device
+        mesh), then torch.compile wraps the sharded model; each happens once."""
+        if self.device_mesh is not None and not self._sharded:
+            from crate.train.fsdp import shard
+
+            shard(self.model, self.device_mesh["data_parallel"])
+            self._sharded = True
+        if self.train_cfg.get("compile") and not self._compiled:
             self.model = torch.compile(self.model)
             self._compiled = True
-
-    def raw_model(self) -> LanguageModel:
-        return getattr(self.model, "_orig_mod", self.model)
 
     # --- steps --------------------------------------------------------------------------------
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -93,12 +98,8 @@ class LMModule(L.LightningModule):
                                     gradient_clip_algorithm: Any = None) -> None:
         clip = float(self.train_cfg.get("grad_clip") or 0.0)
         max_norm = clip if clip > 0 else float("inf")
-        module = self.trainer.strategy.model
-        if hasattr(module, "clip_grad_norm_"):  # FSDP shards the gradients: it computes the global norm
-            norm = module.clip_grad_norm_(max_norm)
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
-        self.grad_norm = float(norm)
+        # under FSDP2 the gradients are DTensor shards: the norm is still the global one
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm))
         if not math.isfinite(self.grad_norm):
             raise NonFiniteLossError(
                 f"the gradient norm is {self.grad_norm} at step {self.global_step + 1}: stopped before the update; "
@@ -124,7 +125,9 @@ class LMModule(L.LightningModule):
 
     # --- checkpoint identity --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["crate"] = {"model": self.config.to_dict(), "tokenizer": self.hparams.get("tokenizer")}
+        # fsdp: FSDP2 keys the optimizer state by parameter order, the others by param-group order
+        checkpoint["crate"] = {"model": self.config.to_dict(), "tokenizer": self.hparams.get("tokenizer"),
+                               "fsdp": self._sharded}
         # A compiled model's keys carry `_orig_mod.`: store plain keys so any run can load them.
         sd = checkpoint.get("state_dict", {})
         checkpoint["state_dict"] = {k.replace("model._orig_mod.", "model."): v for k, v in sd.items()}

@@ -28,6 +28,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from crate.atomic import atomic_file, write_bytes
+from crate.config import IMPLEMENTATION_KEYS
 from crate.errors import CheckpointError, ConfigError, CrateError
 from crate.train.config import RunConfig, load_recipe
 from crate.train.corpus import DataError
@@ -182,7 +183,7 @@ def world_size(cfg: RunConfig) -> int:
     try:
         conn = _AcceleratorConnector(accelerator=system.accelerator, devices=system.devices,
                                      num_nodes=system.num_nodes, strategy=_strategy(cfg))
-    except (ValueError, MisconfigurationException) as e:  # e.g. FSDP without a GPU
+    except (ValueError, MisconfigurationException) as e:  # e.g. more devices than there are
         raise ConfigError(
             f"system.accelerator={system.accelerator} devices={system.devices} strategy={system.strategy} "
             f"cannot run on this machine: {e}"
@@ -191,16 +192,11 @@ def world_size(cfg: RunConfig) -> int:
 
 
 def _strategy(cfg: RunConfig) -> Any:
-    s = cfg.system.strategy
-    if s == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
+    if cfg.system.strategy == "fsdp":
+        from crate.train.fsdp import FSDPStrategy
 
-        from crate.crate_block import CrateBlock
-        from crate.gpt_block import GPTBlock
-
-        return FSDPStrategy(auto_wrap_policy={CrateBlock, GPTBlock}, state_dict_type="full",
-                            sharding_strategy="FULL_SHARD")
-    return s
+        return FSDPStrategy()
+    return cfg.system.strategy
 
 
 def _wandb_logger(cfg: RunConfig, run_dir: Path) -> Any:
@@ -239,10 +235,18 @@ def read_checkpoint_identity(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def check_resume(ckpt: Path, model_config: dict[str, Any], tokenizer: dict[str, Any] | None) -> None:
-    """Refuse to resume with another model config or tokenizer than the checkpoint's, naming the differences."""
+def check_resume(ckpt: Path, model_config: dict[str, Any], tokenizer: dict[str, Any] | None, fsdp: bool) -> None:
+    """Refuse to resume with another model config, tokenizer or optimizer-state layout than the checkpoint's."""
     saved = read_checkpoint_identity(ckpt)["crate"]
-    diff = sorted(k for k in set(model_config) | set(saved["model"]) if model_config.get(k) != saved["model"].get(k))
+    if bool(saved.get("fsdp")) != fsdp:
+        fix = ("resume it with system.strategy=fsdp (any number of processes)" if saved.get("fsdp")
+               else "resume it without system.strategy=fsdp")
+        raise CheckpointError(
+            f"cannot resume from {ckpt}: it was written {'with' if saved.get('fsdp') else 'without'} FSDP and this "
+            f"run is {'with' if fsdp else 'without'} it, and the two order the optimizer state differently; {fix}"
+        )
+    keys = (set(model_config) | set(saved["model"])) - set(IMPLEMENTATION_KEYS)
+    diff = sorted(k for k in keys if model_config.get(k) != saved["model"].get(k))
     if diff:
         detail = ", ".join(f"{k}: checkpoint {saved['model'].get(k)!r} vs now {model_config.get(k)!r}" for k in diff)
         raise CheckpointError(f"cannot resume from {ckpt}: the model config differs ({detail})")
@@ -305,7 +309,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: str | Path | No
     if tok_id["sha256"] != manifest["tokenizer"]["sha256"]:
         raise DataError(f"{data_dir}/tokenizer.json does not match the manifest's tokenizer hash: re-run `crate prepare`")
     if ckpt_path is not None:
-        check_resume(ckpt_path, model_cfg.to_dict(), tok_id)
+        check_resume(ckpt_path, model_cfg.to_dict(), tok_id, fsdp=cfg.system.strategy == "fsdp")
 
     world = world_size(cfg)
     if t.batch_size % (t.micro_batch_size * world):
@@ -384,12 +388,14 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: str | Path | No
     val_loss = float(result[0]["val/loss"]) if result else float("nan")
     summary["val_loss"] = val_loss
     summary["val_ppl"] = math.exp(val_loss) if val_loss < 50 else float("inf")
+    state = trainer.strategy.lightning_module_state_dict()  # on every rank: FSDP gathers the weights to rank 0
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics({"final/val_loss": val_loss}, step=trainer.global_step)
             logger.save()
-        summary["final"] = str(export_module(module, run_dir / "final", tok, tok_id, manifest, trainer.global_step,
-                                                          val_loss, data_dir))
+        summary["final"] = str(export_model(model_from_state(model_cfg.to_dict(), state), run_dir / "final",
+                                            module.train_cfg, tok, tok_id, manifest, trainer.global_step, val_loss,
+                                            data_dir))
     return summary
 
 
@@ -399,14 +405,25 @@ def _asdict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-def export_module(module: Any, out: Path, tok: Any, tok_id: dict[str, Any], manifest: dict[str, Any] | None,
-                  step: int, val_loss: float | None = None, data_dir: str | Path | None = None) -> Path:
+def model_from_state(model_config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Any:
+    """A plain LanguageModel from the LightningModule's state dict (`model.` keys, compiled or not)."""
+    from crate.checkpoint import load_state
+    from crate.config import ModelConfig
+    from crate.model import LanguageModel
+
+    model = LanguageModel(ModelConfig.from_dict(model_config))
+    load_state(model, {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")})
+    return model
+
+
+def export_model(model: Any, out: Path, train_cfg: dict[str, Any] | None, tok: Any, tok_id: dict[str, Any],
+                 manifest: dict[str, Any] | None, step: int, val_loss: float | None = None,
+                 data_dir: str | Path | None = None) -> Path:
     """Our checkpoint directory (crate.save: model.safetensors + config.json with the tokenizer identity),
     plus the tokenizer itself as tokenizer.json beside them so the directory decodes text on its own."""
     import crate
 
-    model = module.raw_model()
-    metadata = {"step": step, "val_loss": val_loss, "train": module.train_cfg,
+    metadata = {"step": step, "val_loss": val_loss, "train": train_cfg,
                 "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
                 "data": {"source": manifest.get("source"), "tokens": manifest.get("tokens")} if manifest else None}
     path = Path(crate.save(model, out, tokenizer=dict(tok_id) if tok_id else None, metadata=metadata) or out)
@@ -417,16 +434,9 @@ def export_module(module: Any, out: Path, tok: Any, tok_id: dict[str, Any], mani
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, data_dir: str | Path | None = None) -> Path:
     """Any Lightning training checkpoint of ours (last, step-N, best) -> our checkpoint directory."""
-    from crate.checkpoint import load_state
-    from crate.config import ModelConfig
-    from crate.model import LanguageModel
-
     ckpt = Path(ckpt)
     state = read_checkpoint_identity(ckpt)
-    cfg = ModelConfig.from_dict(state["crate"]["model"])
-    model = LanguageModel(cfg)
-    sd = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    load_state(model, sd)
+    model = model_from_state(state["crate"]["model"], state["state_dict"])
     tok_id = state["crate"].get("tokenizer")
     tok, manifest = None, None
     if data_dir is None:
@@ -440,15 +450,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, data_dir: str | Path | 
         if tok_id is None or manifest["tokenizer"]["sha256"] == tok_id.get("sha256"):
             tok = load_tokenizer(data_dir)
 
-    class _Holder:  # the subset of LMModule that export_module reads
-        def __init__(self) -> None:
-            self.train_cfg = (state.get("hyper_parameters") or {}).get("train")
-
-        def raw_model(self) -> Any:
-            return model
-
+    train_cfg = (state.get("hyper_parameters") or {}).get("train")
     step = int(state.get("global_step", 0))
-    return export_module(_Holder(), Path(out), tok, tok_id or {}, manifest, step, data_dir=data_dir if tok else None)
+    return export_model(model, Path(out), train_cfg, tok, tok_id or {}, manifest, step,
+                        data_dir=data_dir if tok else None)
 
 
 def run_from_cli(config: str | None, overrides: list[str], out: str | None, resume: str | None) -> dict[str, Any]:
