@@ -107,7 +107,9 @@ class HFLLM:
                 from transformers import BitsAndBytesConfig
                 import bitsandbytes  # noqa: F401
             except ImportError as e:
-                raise BackendError("4-bit loading needs bitsandbytes (CUDA, or CPU from 0.50 on): pip install bitsandbytes") from e
+                raise BackendError(
+                    "4-bit loading needs bitsandbytes (on CUDA, or on CPU from 0.50 on): pip install bitsandbytes"
+                ) from e
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16)
             kwargs["device_map"] = self.device
         elif quantize is not None:

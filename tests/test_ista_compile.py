@@ -33,8 +33,8 @@ def compile_all(tmp_path: Path, dtype: str, arch: str, config: int, steps: int, 
                 only: str = "") -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), TRITON_DEFAULT_FP_FUSION="1")
-    out = subprocess.run([sys.executable, "-c", SCRIPT, dtype, arch, str(config), str(steps), str(int(learnable)), only],
-                         env=env, capture_output=True, text=True, timeout=300)
+    argv = [dtype, arch, str(config), str(steps), str(int(learnable)), only]
+    out = subprocess.run([sys.executable, "-c", SCRIPT, *argv], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return [json.loads(line) for line in out.stdout.splitlines()]
 
