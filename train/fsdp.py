@@ -4,8 +4,10 @@ Lightning's ModelParallelStrategy runs FSDP2, whose parameters are DTensors shar
 and leaves the sharding to the LightningModule's `configure_model`, which calls `shard`. This strategy
 makes the mesh pure data parallel over every process (no tensor parallelism). Unlike the FSDP1 wrapper,
 FSDP2 also runs on CPU with gloo, which is how the tests check it against a single process.
-Checkpoints are full state dicts gathered on rank 0 (not per-rank shards): the same files DDP and one
-device write, so `crate export` and `crate eval` read them and a run may resume under another strategy.
+Checkpoints are full state dicts gathered on rank 0 (not per-rank shards), so `crate export` and
+`crate eval` read them like DDP's, and they resume under FSDP with any number of processes. The optimizer
+state is keyed by parameter order rather than by param group, so `check_resume` refuses to resume across
+FSDP and the other strategies.
 """
 
 from __future__ import annotations
