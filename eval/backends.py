@@ -110,7 +110,10 @@ class HFLLM:
                 raise BackendError(
                     "4-bit loading needs bitsandbytes (on CUDA, or on CPU from 0.50 on): pip install bitsandbytes"
                 ) from e
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16)
+            # fp16 compute on a GPU (as the paper ran); on a CPU fp16 matmuls are slow and their rounding depends on
+            # the kernel path, so compute in fp32 there: the result is then the dequantized model's, to fp32 rounding
+            compute = torch.float16 if str(self.device).startswith("cuda") else torch.float32
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute)
             kwargs["device_map"] = self.device
         elif quantize is not None:
             raise BackendError(f"quantize must be None or '4bit', got {quantize!r}")
