@@ -1,13 +1,60 @@
 """Atomic writes: a file is written under a temporary name in the same folder, fsynced and renamed into
-place, so a kill at any moment leaves either the old file or the new one under the final name."""
+place, so a kill at any moment leaves either the old file or the new one under the final name.
+
+Temporaries are named `.<name>.tmp<pid>` (files) and `.<name>.tmp-<random>` (directories); a process killed
+with SIGKILL leaves them behind, and `remove_stale_temporaries` clears them when the next one starts.
+Everything is created with the permissions a plain open() or mkdir() gives under the umask (tempfile's
+are 0600 / 0700).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+_TEMPORARY = re.compile(r"^\..+\.tmp(\d+|-\w+)$")
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temporary_dir(path: str | os.PathLike) -> Path:
+    """A new empty directory beside `path`, to be renamed onto it, with mkdir()'s permissions (not 0700)."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
+def honour_umask(folder: str | os.PathLike) -> None:
+    """Give the files in `folder` the mode open() would (0666 & ~umask): some writers (safetensors) make 0600."""
+    mode = 0o666 & ~umask()
+    for p in Path(folder).iterdir():
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries of atomic writes in `folder` that a killed process left; returns them.
+    Call it only where no other process is writing (a run folder when its training starts)."""
+    folder = Path(folder)
+    stale = sorted(p for p in folder.iterdir() if _TEMPORARY.match(p.name)) if folder.is_dir() else []
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -89,10 +89,36 @@ def test_resume_after_interruption(small_data: Path, tmp_path: Path, monkeypatch
     for split in ("train", "val"):
         assert np.array_equal(D.open_split(resumed, split), D.open_split(reference, split))
     assert len(D.read_manifest(resumed)["splits"]["train"]["shards"]) > 3
-    # a finished directory is not redone; other arguments are refused
+    # a finished directory is not redone; other inputs are refused, each named with the flag that overrides
     assert D.prepare("embedded", tmp_path / "int", **kw) == resumed
-    with pytest.raises(DataError, match="other arguments"):
-        D.prepare("embedded", tmp_path / "int", **{**kw, "seed": 5})
+    with pytest.raises(DataError, match=r"other inputs \(seed: 0 -> 5; vocab_size: 300 -> 310\): pass --overwrite"):
+        D.prepare("embedded", tmp_path / "int", **{**kw, "seed": 5, "vocab_size": 310})
+    assert D.prepare("embedded", tmp_path / "int", **{**kw, "shard_tokens": 10_000}) == resumed  # layout only
+
+
+def test_interrupted_between_the_snapshot_files(small_data: Path, tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C after the train split's pending tokens were saved but before progress.json (its commit) was
+    written: the resumed prepare must still equal an uninterrupted one (no piece counted twice)."""
+    kw = {**SMALL, "shard_tokens": 20_000}
+    real_state = D._ShardWriter.state
+    calls = {"val": 0}
+
+    def interrupted(self, tag):
+        if self.split == "val":
+            calls["val"] += 1
+            if calls["val"] == 2:
+                raise KeyboardInterrupt("simulated Ctrl-C")
+        return real_state(self, tag)
+
+    monkeypatch.setattr(D._ShardWriter, "state", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        D.prepare("embedded", tmp_path / "int", **kw)
+    monkeypatch.setattr(D._ShardWriter, "state", real_state)
+    resumed = D.prepare("embedded", tmp_path / "int", **kw)
+    reference = D.prepare("embedded", tmp_path / "ref", **kw)
+    for split in ("train", "val"):
+        assert np.array_equal(D.open_split(resumed, split), D.open_split(reference, split)), split
+    assert not list(resumed.glob(".pending-*")) and not (resumed / "progress.json").exists()
 
 
 def test_bad_shards(small_data: Path, tmp_path: Path) -> None:
@@ -165,3 +191,156 @@ def test_sample_stream_is_a_function_of_the_step() -> None:
     assert np.array_equal(stream.window(295, 20), full[295:315])
     x, y = WindowDataset(stream, 16, seed=0)[[0, 1, 2]]
     assert x.shape == (3, 16) and np.array_equal(x[:, 1:].numpy(), y[:, :-1].numpy())
+
+
+# --- refusals and provenance -------------------------------------------------------------------------------
+TEXT_KW = dict(tokenizer="bpe", vocab_size=280, num_proc=1, progress=False)
+
+
+def test_pieces_cut_at_the_coarsest_boundary_and_concatenate_back() -> None:
+    para = "A line of verse.\n" * 10  # 170 characters a paragraph
+    text = "\n\n".join([para] * 6) + "\n\n" + "One sentence. " * 30 + "x" * 250
+    pieces = D._pieces(text, 100)
+    assert "".join(pieces) == text and all(len(p) <= 102 for p in pieces)
+    assert pieces[0] == "A line of verse.\n" * 5  # a paragraph too long: cut at line breaks
+    assert D._pieces("\n\n".join(["short"] * 4), 18) == ["short\n\nshort\n\n", "short\n\nshort"]  # paragraphs fit
+    assert "One sentence. " * 7 in pieces  # no line breaks: at sentence ends
+    assert "x" * 100 in pieces  # no boundary at all: by length
+
+
+def test_validation_fraction_holds_without_blank_lines(tmp_path: Path) -> None:
+    """One file with no paragraph breaks used to give 0 val tokens whatever --val-fraction said."""
+    lines = [f"line {i}: " + " ".join(f"w{(i * j) % 53}" for j in range(12)) for i in range(2000)]
+    (tmp_path / "one.txt").write_text("\n".join(lines) + "\n")
+    counts = {f: D.read_manifest(D.prepare(str(tmp_path / "one.txt"), tmp_path / f"v{f}", val_fraction=f,
+                                           **TEXT_KW))["tokens"] for f in (0.0, 0.01, 0.3)}
+    assert counts[0.0]["val"] == 0
+    assert 0 < counts[0.01]["val"] < counts[0.3]["val"]  # even a tiny fraction gets a val piece; more takes more
+    total = counts[0.3]["train"] + counts[0.3]["val"]
+    assert 0.1 < counts[0.3]["val"] / total < 0.5
+
+
+def test_empty_and_undecodable_input_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match=r"empty\.txt has no text at all"):
+        D.prepare(str(tmp_path / "empty.txt"), tmp_path / "o1", **TEXT_KW)
+    text = "Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade. " * 200
+    (tmp_path / "latin.txt").write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.txt: byte 0xe9 at offset 3 is not valid utf-8: .*--encoding"):
+        D.prepare(str(tmp_path / "latin.txt"), tmp_path / "o2", **TEXT_KW)
+    out = D.prepare(str(tmp_path / "latin.txt"), tmp_path / "o3", encoding="latin-1", **TEXT_KW)
+    tok = D.load_tokenizer(out)
+    decoded = tok.decode(np.concatenate([D.open_split(out, s) for s in ("train", "val")]).tolist())
+    assert "Caf\u00e9 cr\u00e8me" in decoded and "\ufffd" not in decoded
+    with pytest.raises(DataError, match="unknown --encoding 'klingon'"):
+        D.prepare(str(tmp_path / "latin.txt"), tmp_path / "o4", encoding="klingon", **TEXT_KW)
+
+
+def test_prepare_writes_only_where_it_owns(tmp_path: Path) -> None:
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "train-00000.bin").write_bytes(b"user data")  # the user's own shards, no manifest
+    for kw in ({}, {"overwrite": True}):
+        with pytest.raises(DataError, match=r"--out: \S+mine is not empty and holds nothing that crate-lm wrote there "
+                                            r"\(train-00000.bin\).*choose another --out"):
+            D.prepare("embedded", user, **SMALL, **kw)
+    assert sorted(p.name for p in user.iterdir()) == ["train-00000.bin"]
+    assert (user / "train-00000.bin").read_bytes() == b"user data"
+    (user / "manifest.json").write_text('{"format": "another-tool/3"}')  # a manifest, but not ours
+    with pytest.raises(DataError, match=r"mine/manifest.json was not written by `crate prepare`: choose another --out"):
+        D.prepare("embedded", user, **SMALL, overwrite=True)
+    assert sorted(p.name for p in user.iterdir()) == ["manifest.json", "train-00000.bin"]
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("some text " * 100)
+    with pytest.raises(DataError, match=f"crate prepare {texts} --out <new folder>"):
+        D.prepare(str(texts), texts, **TEXT_KW)
+    (tmp_path / "empty").mkdir()
+    assert D.read_manifest(D.prepare(str(texts), tmp_path / "empty", **TEXT_KW))["documents"] == 1
+
+
+def test_a_recipe_never_overwrites_what_it_did_not_write(tmp_path: Path, capsys) -> None:
+    from crate.train.config import RunConfig
+    from crate.train.run import ensure_data
+
+    def cfg(path: Path, **data) -> RunConfig:
+        return RunConfig.from_dict({"data": {"path": str(path), "source": "embedded", "tokenizer": "bpe",
+                                             "vocab_size": 300, "max_documents": 3, **data}})
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.jsonl").write_text('{"text": "hello"}\n')
+    with pytest.raises(DataError, match=f"data.path: {texts} .*crate prepare {texts} --out <new folder>` and set data.path"):
+        ensure_data(cfg(texts, source=str(texts)), progress=False)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "val-00000.bin").write_bytes(b"x")
+    with pytest.raises(DataError, match="holds nothing that crate-lm wrote.*choose another data.path"):
+        ensure_data(cfg(shards), progress=False)
+    assert [p.name for p in shards.iterdir()] == ["val-00000.bin"]
+    # prepared when missing; then reused with the same inputs, refused with others, used as it is without a source
+    prepared = tmp_path / "prepared"
+    assert ensure_data(cfg(prepared, max_documents=1), progress=False) == prepared
+    assert D.read_manifest(prepared)["documents"] == 1
+    capsys.readouterr()
+    assert ensure_data(cfg(prepared, max_documents=1, val_fraction=0.05), progress=False) == prepared
+    assert f"reused {prepared}" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"other inputs than data.\* gives \(max_documents: 1 -> 3; vocab_size: 300 "
+                                        r"-> 1024\): set data.source=null"):
+        ensure_data(cfg(prepared, vocab_size=1024), progress=False)
+    assert ensure_data(cfg(prepared, vocab_size=1024, source=None), progress=False) == prepared
+
+
+def test_cli_prepare_says_reused(tmp_path: Path, capsys) -> None:
+    from crate.cli import main
+
+    (tmp_path / "a.txt").write_text("To be, or not to be.\n" * 300)
+    args = ["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "d"), "--vocab-size", "280", "--num-proc", "1"]
+    assert main(args) == 0 and "wrote" in capsys.readouterr().out
+    assert main(args) == 0 and "reused" in capsys.readouterr().out
+    assert main([*args[:-4], "--vocab-size", "290", "--num-proc", "1"]) == 2
+    assert "vocab_size: 280 -> 290" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_a_real_crate_prepare(tmp_path: Path) -> None:
+    """The source is a FIFO: the test decides when prepare has read enough (a shard committed), sends
+    SIGINT to its process group (the workers too) while prepare waits for more input, then closes it. One line, exit 130; the same command then
+    finishes with the shards of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    records = "".join(json.dumps({"text": f"record {i}: " + " ".join(f"w{(i * j) % 97}" for j in range(60))}) + "\n"
+                      for i in range(400))
+    (tmp_path / "ref.jsonl").write_text(records)
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+    out = tmp_path / "d"
+    cmd = [sys.executable, "-m", "crate.cli", "prepare", str(fifo), "--out", str(out), "--tokenizer", "gpt2",
+           "--num-proc", "2", "--shard-tokens", "2000"]
+
+    def run(feed: str, interrupt: bool) -> subprocess.CompletedProcess:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        with open(fifo, "w") as f:
+            f.write(feed)
+            f.flush()
+            if interrupt:
+                while not (out / "progress.json").is_file() or "train" not in json.loads((out / "progress.json").read_text()):
+                    assert proc.poll() is None, proc.communicate()
+                    time.sleep(0.01)
+                os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does: to the tokenizer workers too
+        stdout, stderr = proc.communicate(timeout=120)
+        return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+    first = run(records[: len(records) // 2], interrupt=True)
+    assert first.returncode == 130, first.stderr
+    assert "Traceback" not in first.stderr and "ForkPoolWorker" not in first.stderr  # the workers stay quiet
+    assert not (out / "manifest.json").exists()
+    assert "crate prepare: interrupted; run the same command again to resume" in first.stderr.strip().splitlines()[-1]
+    assert run(records, interrupt=False).returncode == 0
+    reference = D.prepare(str(tmp_path / "ref.jsonl"), tmp_path / "ref", tokenizer="gpt2", num_proc=1, progress=False,
+                          shard_tokens=2000)
+    for split in ("train", "val"):
+        assert np.array_equal(D.open_split(out, split), D.open_split(reference, split)), split

@@ -23,22 +23,9 @@ from crate.train import data as D
 from crate.train.config import RunConfig, load_recipe
 from crate.train.corpus import DataError
 from crate.train.run import AtomicCheckpointIO, train
+from conftest import TRAIN_DATA
 
-DATA = dict(tokenizer="bpe", vocab_size=300, max_documents=3, num_proc=1, progress=False, piece_chars=4096)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return D.prepare("embedded", tmp_path_factory.mktemp("train-data") / "d", **DATA)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # other test processes share these 2 cores: one thread each is much faster than contending
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recipe(data_dir: Path, **over) -> RunConfig:
@@ -57,13 +44,17 @@ def recipe(data_dir: Path, **over) -> RunConfig:
     return RunConfig.from_dict(raw)
 
 
+def metric_rows(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every row of the run's metrics.csv (all launches) that has `key`, in file order."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+
+
 def step_losses(run_dir: Path) -> dict[int, float]:
-    """Per-step training loss over every launch of a run (a resume logs into the next version_N)."""
-    out: dict[int, float] = {}
-    for path in sorted((run_dir / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
-        with open(path) as f:
-            out.update({int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")})
-    return out
+    """Per-step training loss over every launch of a run; each step must appear once."""
+    rows = metric_rows(run_dir, "train/loss")
+    assert len({s for s, _ in rows}) == len(rows), f"a step logged twice: {[s for s, _ in rows]}"
+    return dict(rows)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -164,7 +155,8 @@ def test_nan_stops_and_keeps_last_good_checkpoint(data_dir: Path, tmp_path: Path
 
     monkeypatch.setattr(LMModule, "loss", poisoned)
     cfg = recipe(data_dir, train__max_steps=20)
-    with pytest.raises(NonFiniteLossError, match="at step 8"):
+    ckpt = tmp_path / "r" / "checkpoints" / "step-0000005.ckpt"
+    with pytest.raises(NonFiniteLossError, match=f"at step 8: .*`crate train --resume {ckpt} train.lr=0.0015`"):
         train(cfg, out=tmp_path / "r", progress=False)
     last = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 5
@@ -175,7 +167,7 @@ def test_mismatched_resume_bad_shards_eval_export(data_dir: Path, tmp_path: Path
     train(recipe(data_dir, train__max_steps=5), out=tmp_path / "r", progress=False)
     with pytest.raises(CheckpointError, match="n_layer: checkpoint 1 vs now 2"):
         train(recipe(data_dir, model__n_layer=2, train__max_steps=10), out=tmp_path / "r", progress=False)
-    other = D.prepare("embedded", tmp_path / "other", **{**DATA, "vocab_size": 290, "max_documents": 1})
+    other = D.prepare("embedded", tmp_path / "other", **{**TRAIN_DATA, "vocab_size": 290, "max_documents": 1})
     with pytest.raises(CheckpointError, match="tokenizer"):
         train(recipe(other, model__vocab_size=300, train__max_steps=10), out=tmp_path / "r", progress=False)
     # crate eval on the training checkpoint equals crate eval on its export (our format, through crate.load)

@@ -4,42 +4,86 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
+from pathlib import Path
+
+SIGINT_EXIT = 128 + signal.SIGINT  # 130, what a shell reports for a command stopped by Ctrl-C
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from crate.train.data import prepare, read_manifest
+    from crate.train.data import MANIFEST, prepare, read_manifest
 
-    out = prepare(args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                  val_fraction=args.val_fraction, seed=args.seed, num_proc=args.num_proc, text_field=args.text_field,
-                  hf_split=args.hf_split, hf_config=args.hf_config, max_documents=args.max_documents,
-                  shard_tokens=args.shard_tokens, overwrite=args.overwrite)
+    reused = (Path(args.out) / MANIFEST).is_file() and not args.overwrite
+    try:
+        out = prepare(args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                      val_fraction=args.val_fraction, seed=args.seed, num_proc=args.num_proc,
+                      text_field=args.text_field, hf_split=args.hf_split, hf_config=args.hf_config,
+                      max_documents=args.max_documents, shard_tokens=args.shard_tokens, encoding=args.encoding,
+                      overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print("crate prepare: interrupted; run the same command again to resume (it finishes with the same "
+              "shards as an uninterrupted run)", file=sys.stderr)
+        return SIGINT_EXIT
     m = read_manifest(out)
-    print(f"wrote {out}: {m['tokens']['train']:,} train + {m['tokens']['val']:,} val tokens ({m['dtype']}), "
-          f"tokenizer {m['tokenizer']['name']} (V={m['vocab_size']}), {m['documents']:,} documents")
+    print(f"{'reused' if reused else 'wrote'} {out}: {m['tokens']['train']:,} train + {m['tokens']['val']:,} val "
+          f"tokens ({m['dtype']}), tokenizer {m['tokenizer']['name']} (V={m['vocab_size']}), {m['documents']:,} documents"
+          + (" (prepared earlier from the same inputs)" if reused else ""))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Exit status: 0 when finished, 128 + the signal number when a signal stopped it (130 Ctrl-C,
+    143 SIGTERM, 138 SIGUSR1), and 0 when the job was requeued under SLURM (its next run continues)."""
     from crate.train.run import global_rank, run_from_cli
 
-    summary = run_from_cli(args.config, args.overrides, args.out, args.resume)
-    if global_rank() != 0:  # rank 0 reports for all
+    try:
+        summary = run_from_cli(args.config, args.overrides, args.out, args.resume)
+    except KeyboardInterrupt:  # outside the trainer's handlers (data preparation, start-up, export)
+        print("crate train: interrupted; `crate train --resume <run dir>` continues from its last checkpoint "
+              "(run the same command again if none was written yet)", file=sys.stderr)
+        return SIGINT_EXIT
+    if not summary.get("signal"):
+        if global_rank() == 0 and "val_loss" in summary:  # rank 0 reports for all
+            print(f"done: {summary['step']} steps, val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f}); "
+                  f"model in {summary.get('final', summary['run_dir'])}")
         return 0
-    if summary.get("preempted"):
-        print(f"preempted at step {summary['step']}: resume with `crate train --resume {summary['run_dir']}`")
-    elif "val_loss" in summary:
-        print(f"done: {summary['step']} steps, val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f}); "
-              f"model in {summary.get('final', summary['run_dir'])}")
-    return 0
+    name = signal.Signals(summary["signal"]).name
+    if global_rank() == 0:
+        if summary.get("requeued"):
+            print(f"{name} at step {summary['step']}: the SLURM job is requeued and resumes from "
+                  f"{summary['run_dir']}/checkpoints/last.ckpt")
+        else:
+            print(f"stopped by {name} at step {summary['step']}: resume with "
+                  f"`crate train --resume {summary['run_dir']}`", file=sys.stderr)
+    return 0 if summary.get("requeued") else 128 + summary["signal"]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.tasks:
+        return _eval_harness(args)
+    if args.data is None:
+        from crate.errors import ConfigError
+
+        raise ConfigError("crate eval needs --data DIR (loss and perplexity on a prepared split) or --tasks (lm-eval)")
     from crate.train.evaluate import evaluate
 
     r = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, context=args.context,
                  max_batches=args.max_batches, device=args.device)
     print(json.dumps(r) if args.json else
           f"{args.split} loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  ({r['tokens']:,} tokens, context {r['context']})")
+    return 0
+
+
+def _eval_harness(args: argparse.Namespace) -> int:
+    from crate.eval.harness import results_table, run_harness
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = run_harness(args.checkpoint, tasks, args.out, data=args.data, include_path=args.include_path,
+                          batch_size=args.batch_size, device=args.device, limit=args.limit, num_fewshot=args.num_fewshot)
+    print(json.dumps(results["results"]) if args.json else results_table(results))
+    if args.out:
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -66,7 +110,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hf-config", default=None)
     p.add_argument("--max-documents", type=int, default=None, help="stop after this many documents")
     p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")
-    p.add_argument("--overwrite", action="store_true", help="discard what --out holds")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of .txt/.jsonl files (default utf-8; e.g. latin-1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what an earlier `crate prepare` wrote into --out (never other files)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train from a YAML recipe (default: tiny CRATE on the embedded corpus)")
@@ -76,9 +122,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=100 model.n_layer=4")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint on a prepared split")
+    p = sub.add_parser("eval", help="validation loss and perplexity on a prepared split, or lm-eval tasks (--tasks)")
     p.add_argument("--checkpoint", required=True, help="our checkpoint dir, an authors'/nanoGPT .pt, or a training .ckpt")
-    p.add_argument("--data", required=True, help="a prepared data directory (same tokenizer as the model)")
+    p.add_argument("--data", default=None, help="a prepared data directory (same tokenizer as the model); "
+                   "with --tasks, where the tokenizer comes from if the checkpoint has none")
+    p.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, e.g. lambada_openai,wikitext")
+    p.add_argument("--out", default=None, help="with --tasks: write the harness's results JSON here")
+    p.add_argument("--include-path", default=None, help="with --tasks: a folder of task YAMLs of your own")
+    p.add_argument("--limit", type=float, default=None, help="with --tasks: documents per task (or a fraction)")
+    p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--context", type=int, default=None, help="window length (default: the model's block_size)")

@@ -12,6 +12,10 @@ model.n_layer=4`. Values are parsed as YAML (`1e-3`, `true`, `null`, `[0.9, 0.95
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ import yaml
 from crate.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+RUN_RECORD_KEYS = ("resolved", "history")  # written into a run's config.yaml by `crate train`
 
 
 @dataclass
@@ -34,6 +39,7 @@ class DataConfig:
     seed: int = 0
     text_field: str = "text"
     max_documents: int | None = None
+    encoding: str = "utf-8"  # of .txt / .jsonl sources
 
 
 @dataclass
@@ -50,7 +56,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
-    precision: str = "auto"  # auto = bf16-mixed on GPU, 32-true on CPU; or any Lightning precision
+    precision: str | int = "auto"  # auto = bf16-mixed on GPU, 32-true on CPU; or any Lightning precision
     compile: bool = False
     seed: int = 1337
     val_every: int = 200  # steps; 0 disables periodic validation (a final eval still runs)
@@ -67,7 +73,8 @@ class SystemConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # auto (DDP when several devices), ddp, ddp_spawn, fsdp (FSDP2, per block), deepspeed...
     log_every: int = 10
-    wandb: str = "auto"  # auto: on when logged in or WANDB_MODE is set (offline otherwise never needed); on; off
+    # auto: on when logged in or WANDB_MODE is set (offline otherwise never needed); on; off (YAML: a bool)
+    wandb: str | bool = "auto"
     wandb_project: str = "crate-lm"
     progress_bar: bool = True
     peak_flops: float | None = None  # per device, for MFU on GPUs missing from crate.train.flops
@@ -96,13 +103,12 @@ class RunConfig:
             if not isinstance(raw, dict):
                 raise ConfigError(f"recipe section {name!r} must be a mapping, got {raw!r}")
             _check_keys(raw, {f.name for f in dataclasses.fields(kind)}, name)
-            sections[name] = kind(**raw)
+            sections[name] = kind(**check_section(raw, kind, name))
         model = dict(d.get("model") or {})
         model.setdefault("arch", "crate")
         model.setdefault("preset", "tiny")
         model.setdefault("vocab_size", None)
         cfg = cls(model=model, name=d.get("name"), **sections)
-        cfg.train.betas = tuple(cfg.train.betas)  # type: ignore[assignment]
         cfg.validate()
         return cfg
 
@@ -112,15 +118,12 @@ class RunConfig:
         fields = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset"}
         _check_keys(self.model, fields, "model")
         t = self.train
-        for key in ("max_steps", "batch_size", "micro_batch_size", "ckpt_every"):
-            if not isinstance(getattr(t, key), int) or getattr(t, key) <= 0:
-                raise ConfigError(f"train.{key} must be a positive integer, got {getattr(t, key)!r}")
         if t.batch_size % t.micro_batch_size:
             raise ConfigError(
                 f"train.batch_size={t.batch_size} (global) must be a multiple of train.micro_batch_size={t.micro_batch_size}"
             )
-        if len(t.betas) != 2:
-            raise ConfigError(f"train.betas must be two numbers, got {t.betas!r}")
+        if t.min_lr > t.lr:
+            raise ConfigError(f"train.min_lr={t.min_lr} must not exceed train.lr={t.lr} (the cosine decays from lr to min_lr)")
 
     def model_config(self, data_vocab: int | None = None):
         """The ModelConfig of this recipe; vocab_size None takes the data's (padded like GPT-2's 50257 -> 50304)."""
@@ -136,6 +139,113 @@ class RunConfig:
         if self.train.context is not None and "block_size" not in overrides:
             overrides["block_size"] = max(self.train.context, 1)
         return preset_config(self.model["arch"], self.model["preset"], **overrides)
+
+
+# Ranges of the keys where a value of the right type can still be wrong: (test, what is expected).
+def _positive(v: Any) -> bool:
+    return v is None or v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v is None or v >= 0
+
+
+def _in(*choices: Any) -> Callable[[Any], bool]:
+    return lambda v: v in choices
+
+
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.vocab_size": (lambda v: v >= 257, ">= 257 (the 256 bytes and <|endoftext|>)"),
+    "data.val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "data.seed": (_non_negative, ">= 0"),
+    "data.max_documents": (_positive, "> 0"),
+    "data.tokenizer": (_in("gpt2", "bpe"), "gpt2 or bpe"),
+    "train.max_steps": (_positive, "> 0"),
+    "train.batch_size": (_positive, "> 0"),
+    "train.micro_batch_size": (_positive, "> 0"),
+    "train.context": (_positive, "> 0"),
+    "train.lr": (_positive, "> 0"),
+    "train.min_lr": (_non_negative, ">= 0"),
+    "train.warmup_steps": (_non_negative, ">= 0"),
+    "train.lr_decay_steps": (_positive, "> 0"),
+    "train.weight_decay": (_non_negative, ">= 0"),
+    "train.betas": (lambda v: all(0 <= b < 1 for b in v), "each in [0, 1)"),
+    "train.eps": (_positive, "> 0"),
+    "train.grad_clip": (_non_negative, ">= 0 (0 disables clipping)"),
+    "train.seed": (_non_negative, ">= 0"),
+    "train.val_every": (_non_negative, ">= 0 (0 disables periodic validation)"),
+    "train.val_batches": (_positive, "> 0"),
+    "train.final_val_batches": (_positive, "> 0"),
+    "train.ckpt_every": (_positive, "> 0"),
+    "train.ckpt_keep": (lambda v: v == -1 or v >= 1, "-1 (keep all) or >= 1"),
+    "system.num_nodes": (_positive, "> 0"),
+    "system.log_every": (_positive, "> 0"),
+    "system.peak_flops": (_positive, "> 0"),
+    "system.wandb": (_in("auto", "on", "off", True, False), "auto, on or off"),
+    "system.matmul_precision": (_in("highest", "high", "medium"), "highest, high or medium"),
+}
+
+
+def _convert(value: Any, kind: Any) -> Any:
+    """`value` as the field type `kind` (int, float, bool, str, X | None, tuple[float, float], Any); raises
+    ValueError when it is not one. Numbers in strings count as floats: YAML reads `1e-3` as a string."""
+    if kind is Any:
+        return value
+    args = typing.get_args(kind)
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, option)
+            except ValueError:
+                pass
+        raise ValueError
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError
+        return tuple(_convert(v, a) for v, a in zip(value, args))
+    if kind is bool or isinstance(value, bool):  # True is an int in Python, never a number here
+        if kind is not bool or not isinstance(value, bool):
+            raise ValueError
+        return value
+    if kind is int and isinstance(value, int):
+        return value
+    if kind is float and isinstance(value, (int, float, str)):
+        number = float(value)  # ValueError for "fast"
+        if not math.isfinite(number):
+            raise ValueError
+        return number
+    if kind is str and isinstance(value, str):
+        return value
+    raise ValueError
+
+
+def _type_name(kind: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    if typing.get_origin(kind) is tuple:
+        return f"a list of {len(typing.get_args(kind))} numbers"
+    if typing.get_args(kind):
+        return " or ".join(_type_name(a) for a in typing.get_args(kind))
+    return names.get(kind, str(kind))
+
+
+def check_section(raw: dict[str, Any], kind: type, section: str) -> dict[str, Any]:
+    """The values of one recipe section converted to its dataclass's field types and checked against RANGES;
+    a wrong one raises ConfigError naming the key, the value and what is expected (before anything runs)."""
+    hints = typing.get_type_hints(kind)
+    out = {}
+    for key, value in raw.items():
+        where = f"{section}.{key}"
+        test, expected = RANGES.get(where, (None, ""))
+        problem = ConfigError(f"{where}={value!r}: expected {_type_name(hints[key])} {expected}".rstrip())
+        try:
+            out[key] = _convert(value, hints[key])
+        except ValueError:
+            raise problem from None
+        if test is not None and not test(out[key]):
+            raise problem
+    return out
 
 
 def _check_keys(d: dict[str, Any], valid: set[str], where: str) -> None:
@@ -188,5 +298,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{recipe}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{recipe}: a recipe is a mapping with sections model, data, train, system")
+        for key in RUN_RECORD_KEYS:  # a run's config.yaml is its recipe plus what the run recorded
+            raw.pop(key, None)
         raw.setdefault("name", recipe.stem)
     return RunConfig.from_dict(apply_overrides(raw, overrides or []))

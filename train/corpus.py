@@ -95,21 +95,37 @@ def local_files(source: str | Path) -> list[Path]:
     return [path]
 
 
-def file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
+def _undecodable(path: Path, encoding: str, e: UnicodeDecodeError, where: str) -> DataError:
+    return DataError(
+        f"{path}: byte {e.object[e.start]:#04x} {where} is not valid {encoding}: give the file's encoding with "
+        f"--encoding (data.encoding in a recipe), e.g. --encoding latin-1"
+    )
+
+
+def file_documents(path: Path, text_field: str = "text", encoding: str = "utf-8") -> Iterator[str]:
+    """The documents of one local file; text is decoded strictly (never silently into U+FFFD)."""
     if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8", errors="replace")
+        data = path.read_bytes()
+        try:
+            yield data.decode(encoding)
+        except UnicodeDecodeError as e:
+            raise _undecodable(path, encoding, e, f"at offset {e.start}") from None
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from None
-                if text_field not in record:
-                    raise DataError(f"{path}:{lineno}: no {text_field!r} field (use --text-field to choose another)")
-                yield str(record[text_field])
+        with path.open(encoding=encoding) as f:
+            lineno = 0
+            try:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from None
+                    if text_field not in record:
+                        raise DataError(f"{path}:{lineno}: no {text_field!r} field (use --text-field to choose another)")
+                    yield str(record[text_field])
+            except UnicodeDecodeError as e:
+                raise _undecodable(path, encoding, e, f"after line {lineno}") from None
     else:  # .parquet, read in record batches so large files never sit in memory
         import pyarrow.parquet as pq
 
@@ -134,12 +150,19 @@ def hf_documents(name: str, split: str = "train", config: str | None = None, tex
         yield str(record[text_field])
 
 
-def documents(source: str, *, text_field: str = "text", hf_split: str = "train", hf_config: str | None = None) -> Iterator[str]:
-    """The documents of `source`: 'embedded', 'hf:<name>', or local .txt/.jsonl/.parquet file(s) or a folder."""
+def documents(source: str, *, text_field: str = "text", hf_split: str = "train", hf_config: str | None = None,
+              encoding: str = "utf-8") -> Iterator[str]:
+    """The documents of `source`: 'embedded', 'hf:<name>', or local .txt/.jsonl/.parquet file(s) or a folder.
+    A local file with no text at all is refused (it would add an empty document, or nothing)."""
     if source == "embedded":
         yield from embedded_documents()
     elif source.startswith("hf:"):
         yield from hf_documents(source[3:], hf_split, hf_config, text_field)
     else:
         for path in local_files(source):
-            yield from file_documents(path, text_field)
+            has_text = False
+            for text in file_documents(path, text_field, encoding):
+                has_text = has_text or bool(text.strip())
+                yield text
+            if not has_text:
+                raise DataError(f"{path} has no text at all (empty): remove it from the input or give another file")

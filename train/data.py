@@ -7,18 +7,24 @@ A prepared directory holds
     train-00000.bin ...  raw token streams (uint16, or uint32 when the vocabulary exceeds 65536 entries)
     val-00000.bin ...
 
-Documents are cut into pieces at paragraph breaks (at most `piece_chars` characters); each piece goes to
-val with probability `val_fraction`, decided by a hash of (seed, document, piece), so the split is
-deterministic and the same for every machine. Each document ends with <|endoftext|>.
+Documents are cut into pieces of at most `piece_chars` characters, at paragraph breaks, else at line
+breaks, sentence ends or spaces; each piece goes to val with probability `val_fraction`, decided by a hash
+of (seed, document, piece), so the split is deterministic and the same for every machine; the second piece
+of the stream goes to val when the first did not and val_fraction > 0, so any input of two pieces or more
+has a val split. Each document ends with <|endoftext|>.
 Shards are committed one at a time with `progress.json`; an interrupted `prepare` resumes there.
+`prepare` writes only into a new or empty folder or one it wrote (its manifest.json or progress.json), and
+reuses a prepared folder only when every input that shapes the tokens is the same (`args` in the manifest).
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from crate.atomic import write_bytes
-from crate.train.corpus import DataError, documents
+from crate.atomic import atomic_file, write_bytes
+from crate.train.corpus import LOCAL_SUFFIXES, DataError, documents
 from crate.train.tokenizer import EOT, gpt2_tokenizer, tokenizer_identity, train_bpe
 
 FORMAT = "crate-tokens/1"
@@ -36,8 +42,10 @@ MANIFEST, TOKENIZER, PROGRESS = "manifest.json", "tokenizer.json", "progress.jso
 
 __all__ = [
     "DataError", "prepare", "read_manifest", "load_tokenizer", "open_split", "open_shards",
-    "validate_data", "token_dtype",
+    "validate_data", "token_dtype", "prepare_args", "input_differences", "check_out_dir",
 ]
+LAYOUT_KEYS = ("shard_tokens",)  # how the tokens are cut into files, not which tokens: a finished folder is reused
+ARG_DEFAULTS = {"encoding": "utf-8"}  # inputs that manifests of earlier versions did not record
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -145,18 +153,34 @@ def validate_data(data_dir: str | Path, vocab_size: int, tokenizer_sha256: str |
 
 
 # --- preparing -------------------------------------------------------------------------------
-def _pieces(text: str, piece_chars: int) -> list[str]:
-    """Cut a document at paragraph breaks into pieces of at most about `piece_chars` characters."""
+SEPARATORS = ("\n\n", "\n", ". ", " ")  # paragraph, line, sentence, word
+
+
+def _pieces(text: str, piece_chars: int, separators: tuple[str, ...] = SEPARATORS) -> list[str]:
+    """Cut a document into pieces of at most about `piece_chars` characters that concatenate back to it: at
+    paragraph breaks, and a paragraph longer than that at line breaks, then sentence ends, then spaces."""
     if len(text) <= piece_chars:
         return [text]
-    out, cur, size = [], [], 0
-    for para in text.split("\n\n"):
-        if cur and size + len(para) > piece_chars:
-            out.append("\n\n".join(cur) + "\n\n")
-            cur, size = [], 0
-        cur.append(para)
-        size += len(para) + 2
-    out.append("\n\n".join(cur))
+    if not separators:
+        return [text[i : i + piece_chars] for i in range(0, len(text), piece_chars)]
+    sep, finer = separators[0], separators[1:]
+    parts = text.split(sep)
+    out, cur = [], ""
+    for i, part in enumerate(parts):
+        tail = sep if i < len(parts) - 1 else ""
+        if len(part) > piece_chars:
+            if cur:
+                out.append(cur)
+            out += _pieces(part, piece_chars, finer)
+            out[-1] += tail
+            cur = ""
+            continue
+        if cur and len(cur) + len(part) > piece_chars:
+            out.append(cur)
+            cur = ""
+        cur += part + tail
+    if cur:
+        out.append(cur)
     return out
 
 
@@ -167,13 +191,17 @@ def _is_val(seed: int, doc: int, piece: int, val_fraction: float) -> bool:
 
 def _stream(source: str, args: dict[str, Any]) -> Iterator[tuple[int, str, bool]]:
     """(split index 0=train 1=val, text, ends a document) for every piece of every document, in order."""
-    docs = documents(source, text_field=args["text_field"], hf_split=args["hf_split"], hf_config=args["hf_config"])
+    docs = documents(source, text_field=args["text_field"], hf_split=args["hf_split"], hf_config=args["hf_config"],
+                     encoding=args["encoding"])
+    index, any_val = 0, False
     for d, text in enumerate(docs):
         if args["max_documents"] is not None and d >= args["max_documents"]:
             return
         pieces = _pieces(text, args["piece_chars"])
         for p, piece in enumerate(pieces):
-            yield int(_is_val(args["seed"], d, p, args["val_fraction"])), piece, p == len(pieces) - 1
+            val = _is_val(args["seed"], d, p, args["val_fraction"]) or (index == 1 and not any_val and args["val_fraction"] > 0)
+            any_val, index = any_val or val, index + 1
+            yield int(val), piece, p == len(pieces) - 1
 
 
 _WORKER_TOKENIZER: Any = None
@@ -185,6 +213,11 @@ def _init_worker(tokenizer_json: str) -> None:
     from tokenizers import Tokenizer
 
     _WORKER_TOKENIZER = Tokenizer.from_str(tokenizer_json)
+
+
+def _init_pool_worker(tokenizer_json: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: one message, no tracebacks
+    _init_worker(tokenizer_json)
 
 
 def _encode(texts: list[str]) -> list[list[int]]:
@@ -204,14 +237,22 @@ def _batches(items: Iterator[tuple[int, str, bool]], chars: int) -> Iterator[lis
 
 
 class _ShardWriter:
-    """Appends tokens to a split and cuts them into shards of exactly `shard_tokens` tokens."""
+    """Appends tokens to a split and cuts them into shards of exactly `shard_tokens` tokens. The tokens not
+    yet in a shard are saved with each snapshot under a name of their own, which progress.json names: a
+    kill at any point leaves progress.json and the files it names consistent."""
 
     def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, state: dict[str, Any]):
         self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
         self.shards: list[dict[str, Any]] = state.get("shards", [])
-        pending = out / f".pending-{split}.npy"
-        self.pending = [np.load(pending)] if state.get("pending") and pending.exists() else []
+        pending = state.get("pending")
+        if pending is True:  # progress.json of an earlier version
+            pending = f".pending-{split}.npy"
+        if pending and not (out / pending).is_file():
+            raise DataError(f"{out / PROGRESS} names {pending}, which is missing: start over with --overwrite")
+        self.pending = [np.load(out / pending)] if pending else []
         self.n_pending = sum(len(p) for p in self.pending)
+        self.saved: str | None = pending or None
+        self._stale: str | None = None
         self.wrote = False
 
     def add(self, ids: np.ndarray) -> None:
@@ -229,19 +270,75 @@ class _ShardWriter:
         self.shards.append({"file": name, "tokens": int(len(tokens)), "max_id": int(tokens.max()) if len(tokens) else 0})
         self.wrote = True
 
-    def state(self) -> dict[str, Any]:
-        """Save the pending tokens; the returned dict goes into progress.json."""
-        path = self.out / f".pending-{self.split}.npy"
-        tmp = path.with_name(path.name + ".tmp.npy")
-        np.save(tmp, np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype))
-        os.replace(tmp, path)
-        return {"shards": self.shards, "pending": True}
+    def state(self, tag: int) -> dict[str, Any]:
+        """Save the pending tokens as `.pending-<split>-<tag>.npy`; the returned dict goes into progress.json."""
+        previous, self.saved = self.saved, f".pending-{self.split}-{tag}.npy"
+        with atomic_file(self.out / self.saved) as f:
+            np.save(f, np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype))
+        self._stale = previous
+        return {"shards": self.shards, "pending": self.saved}
+
+    def committed(self) -> None:
+        """progress.json names the new pending file: the previous one is no longer needed."""
+        if self._stale and self._stale != self.saved:
+            (self.out / self._stale).unlink(missing_ok=True)
+        self._stale = None
 
     def finish(self) -> None:
         if self.pending:
             self._write(np.concatenate(self.pending))
             self.pending, self.n_pending = [], 0
-        (self.out / f".pending-{self.split}.npy").unlink(missing_ok=True)
+
+
+def prepare_args(source: str, *, tokenizer: str = "bpe", vocab_size: int = 512, val_fraction: float = 0.05,
+                 seed: int = 0, text_field: str = "text", hf_split: str = "train", hf_config: str | None = None,
+                 max_documents: int | None = None, shard_tokens: int = 1 << 27, piece_chars: int = 8192,
+                 bpe_train_chars: int = 200_000_000, encoding: str = "utf-8") -> dict[str, Any]:
+    """The inputs of a `prepare`, as its manifest records them (`args`), so that two can be compared."""
+    return dict(
+        source=source if source == "embedded" or source.startswith("hf:") else str(Path(source).resolve()),
+        tokenizer=tokenizer, vocab_size=vocab_size if tokenizer == "bpe" else None, val_fraction=val_fraction,
+        seed=seed, text_field=text_field, hf_split=hf_split, hf_config=hf_config, max_documents=max_documents,
+        shard_tokens=shard_tokens, piece_chars=piece_chars, bpe_train_chars=bpe_train_chars if tokenizer == "bpe" else None,
+        encoding=encoding,
+    )
+
+
+def input_differences(stored: dict[str, Any], args: dict[str, Any], layout: bool = False) -> list[str]:
+    """`key: old -> new` for each input in which `args` differs from `stored` (a manifest's or progress.json's
+    args); the file layout (shard_tokens) counts only with `layout` (resuming an interrupted prepare)."""
+    from crate.provenance import differences
+
+    keys = [k for k in args if layout or k not in LAYOUT_KEYS]
+    old = {**ARG_DEFAULTS, **stored}
+    return differences({k: old.get(k) for k in keys}, {k: args[k] for k in keys})
+
+
+def _written_by_prepare(path: Path) -> bool:
+    """A manifest.json of our format, or a progress.json with our `args` (not a file of that name by another tool)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and (obj.get("format") == FORMAT if path.name == MANIFEST else "args" in obj)
+
+
+def check_out_dir(out: Path, setting: str = "--out") -> None:
+    """Refuse a folder that `prepare` must not write into: one that holds anything but its own output
+    (manifest.json, or progress.json of an interrupted run). A new or empty folder is fine."""
+    from crate.provenance import ProvenanceError, check_owned
+
+    try:
+        check_owned(out, (MANIFEST, PROGRESS), flag=f"another {setting} (a new or empty folder)")
+        for path in (out / MANIFEST, out / PROGRESS):
+            if path.is_file() and not _written_by_prepare(path):
+                raise DataError(f"{setting}: {path} was not written by `crate prepare`: choose another {setting}")
+    except ProvenanceError as e:
+        if not any(p.suffix in LOCAL_SUFFIXES for p in out.rglob("*") if p.is_file()):
+            raise DataError(f"{setting}: {e}") from None
+        then = " and set data.path to that folder" if setting == "data.path" else ""
+        raise DataError(f"{setting}: {e}; to use the text files in it, prepare them into another folder: "
+                        f"`crate prepare {out} --out <new folder>`{then}") from None
 
 
 def prepare(
@@ -260,6 +357,7 @@ def prepare(
     shard_tokens: int = 1 << 27,
     piece_chars: int = 8192,
     bpe_train_chars: int = 200_000_000,
+    encoding: str = "utf-8",
     progress: bool = True,
     overwrite: bool = False,
 ) -> Path:
@@ -267,37 +365,46 @@ def prepare(
 
     source: "embedded" (the Shakespeare plays), a .txt/.jsonl/.parquet file or a folder of them, or
     "hf:<dataset>" (streamed). tokenizer: "gpt2" (GPT-2 BPE, offline) or "bpe" (byte-level BPE trained on
-    the first `bpe_train_chars` characters of the training pieces, with `vocab_size` entries).
-    Running it again with the same arguments is a no-op when complete and resumes when interrupted."""
+    the first `bpe_train_chars` characters of the training pieces, with `vocab_size` entries). `encoding`
+    decodes .txt and .jsonl files (strictly). Running it again with the same inputs is a no-op when
+    complete and resumes when interrupted; other inputs are refused unless `overwrite`."""
     if tokenizer not in ("gpt2", "bpe"):
         raise DataError(f"tokenizer must be 'gpt2' or 'bpe', got {tokenizer!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise DataError(f"unknown --encoding {encoding!r}: use a Python codec name such as utf-8, latin-1, cp1252") from None
     out = Path(out_dir)
-    args = dict(
-        source=source if source == "embedded" or source.startswith("hf:") else str(Path(source).resolve()),
-        tokenizer=tokenizer, vocab_size=vocab_size if tokenizer == "bpe" else None, val_fraction=val_fraction,
-        seed=seed, text_field=text_field, hf_split=hf_split, hf_config=hf_config, max_documents=max_documents,
-        shard_tokens=shard_tokens, piece_chars=piece_chars, bpe_train_chars=bpe_train_chars if tokenizer == "bpe" else None,
-    )
+    args = prepare_args(source, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed,
+                        text_field=text_field, hf_split=hf_split, hf_config=hf_config, max_documents=max_documents,
+                        shard_tokens=shard_tokens, piece_chars=piece_chars, bpe_train_chars=bpe_train_chars,
+                        encoding=encoding)
+    check_out_dir(out)
     if overwrite and out.exists():
         for name in [MANIFEST, TOKENIZER, PROGRESS, *(p.name for p in out.glob("*-*.bin")), *(p.name for p in out.glob(".pending-*"))]:
             (out / name).unlink(missing_ok=True)
     if (out / MANIFEST).exists():
-        manifest = read_manifest(out)
-        if manifest["args"] != args:
-            raise DataError(f"{out} already holds data prepared with other arguments {manifest['args']}; use --overwrite or another directory")
+        differences = input_differences(read_manifest(out)["args"], args)
+        if differences:
+            raise DataError(f"{out} holds data prepared from other inputs ({'; '.join(differences)}): "
+                            f"pass --overwrite to replace it, or choose another --out")
         return out
     state: dict[str, Any] = {}
     if (out / PROGRESS).exists():
         state = json.loads((out / PROGRESS).read_text())
-        if state["args"] != args:
-            raise DataError(f"{out} holds an interrupted `prepare` with other arguments {state['args']}; use --overwrite or another directory")
-    out.mkdir(parents=True, exist_ok=True)
+        differences = input_differences(state["args"], args, layout=True)
+        if differences:
+            raise DataError(f"{out} holds an interrupted `crate prepare` of other inputs ({'; '.join(differences)}): "
+                            f"run it with those to finish it, pass --overwrite to start over, or choose another --out")
     if not args["source"].startswith("hf:") and args["source"] != "embedded":
         from crate.train.corpus import local_files
 
         local_files(source)  # fail early on a bad path
+    out.mkdir(parents=True, exist_ok=True)
+    if not state:  # from the first file on, the folder is recognisably ours (check_out_dir)
+        _write_json(out / PROGRESS, {"args": args})
 
     # 1. the tokenizer (kept from an interrupted run, so resuming tokenizes identically)
     if (out / TOKENIZER).exists() and state:
@@ -338,7 +445,7 @@ def prepare(
     if nproc > 1:
         import multiprocessing as mp
 
-        pool = mp.get_context("fork").Pool(nproc, initializer=_init_worker, initargs=(tok_json,))
+        pool = mp.get_context("fork").Pool(nproc, initializer=_init_pool_worker, initargs=(tok_json,))
         encoded = pool.imap(_encode_items, batches)
     else:
         _init_worker(tok_json)
@@ -365,9 +472,10 @@ def prepare(
                 pieces_done += len(batch)
                 if any(w.wrote for w in writers):
                     snapshot = {"args": args, "pieces_done": pieces_done, "documents": docs_done, "counts": counts}
-                    snapshot.update({s: w.state() for s, w in zip(SPLITS, writers)})
-                    _write_json(out / PROGRESS, snapshot)
+                    snapshot.update({s: w.state(pieces_done) for s, w in zip(SPLITS, writers)})
+                    _write_json(out / PROGRESS, snapshot)  # the commit point
                     for w in writers:
+                        w.committed()
                         w.wrote = False
                 rate = new_tokens / max(time.perf_counter() - t0, 1e-9)
                 bar.update(task, description=f"tokenizing: {docs_done:,} documents, {sum(counts):,} tokens, {rate:,.0f} tokens/s")
@@ -394,7 +502,8 @@ def prepare(
         "args": args,
     }
     _write_json(out / MANIFEST, manifest)
-    (out / PROGRESS).unlink(missing_ok=True)
+    for p in [out / PROGRESS, *out.glob(".pending-*.npy")]:
+        p.unlink(missing_ok=True)
     return out
 
 

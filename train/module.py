@@ -42,7 +42,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 class LMModule(L.LightningModule):
     def __init__(self, model_config: dict[str, Any], train: dict[str, Any], tokenizer: dict[str, Any] | None = None,
-                 accumulation: int = 1):
+                 accumulation: int = 1, data_dir: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.config = ModelConfig.from_dict(model_config)
@@ -90,8 +90,7 @@ class LMModule(L.LightningModule):
         self.step_loss = float(loss)
         if not math.isfinite(self.step_loss):
             raise NonFiniteLossError(
-                f"the training loss is {self.step_loss} at step {self.global_step + 1}: stopped before the update; "
-                f"the last good checkpoint is kept (lower train.lr, check the data, or resume from it)"
+                f"the training loss is {self.step_loss} at step {self.global_step + 1}: stopped before the update"
             )
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,
@@ -102,8 +101,7 @@ class LMModule(L.LightningModule):
         self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm))
         if not math.isfinite(self.grad_norm):
             raise NonFiniteLossError(
-                f"the gradient norm is {self.grad_norm} at step {self.global_step + 1}: stopped before the update; "
-                f"the last good checkpoint is kept"
+                f"the gradient norm is {self.grad_norm} at step {self.global_step + 1}: stopped before the update"
             )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -123,11 +121,22 @@ class LMModule(L.LightningModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
+    def on_train_start(self) -> None:
+        """Put the schedule of the current train settings in force. On a resume Lightning restores the
+        scheduler's base_lrs (the checkpoint's train.lr) and the optimizer's lr; the lambda is ours and
+        reads this run's settings (lr, min_lr, warmup, decay, max_steps). A fresh run is left as it is."""
+        sched = self.lr_schedulers()
+        lr = float(self.train_cfg["lr"])
+        sched.base_lrs = [lr] * len(sched.optimizer.param_groups)
+        for group, factor in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+            group["initial_lr"], group["lr"] = lr, lr * factor(self.global_step)
+        sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+
     # --- checkpoint identity --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # fsdp: FSDP2 keys the optimizer state by parameter order, the others by param-group order
         checkpoint["crate"] = {"model": self.config.to_dict(), "tokenizer": self.hparams.get("tokenizer"),
-                               "fsdp": self._sharded}
+                               "fsdp": self._sharded, "data_dir": self.hparams.get("data_dir")}
         # A compiled model's keys carry `_orig_mod.`: store plain keys so any run can load them.
         sd = checkpoint.get("state_dict", {})
         checkpoint["state_dict"] = {k.replace("model._orig_mod.", "model."): v for k, v in sd.items()}

@@ -2,18 +2,26 @@
 
 A run directory holds
 
-    config.yaml             the resolved recipe (model config included), written before step 1
-    logs/version_N/metrics.csv  one CSV per launch (a resume starts the next N): loss, lr, grad norm,
-                            tokens/s, MFU, val loss; wandb/ when W&B is on
+    config.yaml             the resolved recipe (model config included), written before step 1, and the
+                            `history` of the settings a resume changed (step, key: [old, new])
+    metrics.csv             one CSV per run, appended by every launch and flushed at every row: loss, lr,
+                            grad norm, tokens/s, MFU, val loss; a resume at step S drops the rows after S,
+                            so each step appears once; wandb/ when W&B is on
     checkpoints/last.ckpt   Lightning checkpoints: last, every `ckpt_every` steps (the newest `ckpt_keep`),
     checkpoints/best.ckpt   and the best validation loss; each written atomically
     final/                  the finished model in our format (`crate.load` reads it)
+
+A run folder is written by one training at a time: when one starts, it removes what killed launches left
+(temporaries of atomic writes, periodic checkpoints beyond `ckpt_keep` or after the step it resumes from).
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,23 +34,141 @@ import torch
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.utilities import rank_zero_only
 
-from crate.atomic import atomic_file, write_bytes
+from crate.atomic import atomic_file, remove_stale_temporaries, write_bytes
 from crate.config import IMPLEMENTATION_KEYS
-from crate.errors import CheckpointError, ConfigError, CrateError
+from crate.errors import CheckpointError, ConfigError
 from crate.train.config import RunConfig, load_recipe
 from crate.train.corpus import DataError
 from crate.train.flops import flops_per_token, peak_flops
 
 
 # --- atomic checkpoints ------------------------------------------------------------------------
+PERIODIC = re.compile(r"^step-(\d+)\.ckpt$")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file in the same folder, fsync, then os.replace(): a kill mid-save leaves the
-    previous checkpoint intact and never a half-written one under the final name."""
+    previous checkpoint intact and never a half-written one under the final name. After a periodic
+    checkpoint only the newest `keep` of them stay (-1: all)."""
+
+    def __init__(self, keep: int = -1):
+        super().__init__()
+        self.keep = keep
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         with atomic_file(path) as f:
             torch.save(checkpoint, f)
+        if PERIODIC.match(Path(path).name):
+            prune_checkpoints(Path(path).parent, self.keep)
+
+
+def periodic_checkpoints(folder: Path) -> dict[int, Path]:
+    """{step: path} of the step-*.ckpt files in `folder`."""
+    found = (PERIODIC.match(p.name) for p in folder.iterdir()) if folder.is_dir() else ()
+    return {int(m.group(1)): folder / m.group(0) for m in found if m}
+
+
+def prune_checkpoints(folder: Path, keep: int, after: int | None = None, protect: Path | None = None) -> list[Path]:
+    """Remove the periodic checkpoints beyond the newest `keep` (-1 keeps all), and those of steps > `after`
+    (a continuation the resumed checkpoint does not hold); never `protect`. Returns the removed paths."""
+    steps = sorted(periodic_checkpoints(folder).items())
+    doomed = [p for s, p in steps if after is not None and s > after]
+    kept = [p for s, p in steps if after is None or s <= after]
+    if keep >= 0:
+        doomed += kept[: max(0, len(kept) - keep)]
+    doomed = [p for p in doomed if protect is None or p.resolve() != protect.resolve()]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+def tidy_run_folder(run_dir: Path, keep: int, resume: Path | None, resume_step: int) -> None:
+    """Before a launch trains (rank 0): clear what killed launches left in the run folder and its
+    checkpoints, and when resuming from a named checkpoint of this run, make last.ckpt that checkpoint (an
+    automatic resume later must continue this history, not the abandoned one)."""
+    ckpt_dir = run_dir / "checkpoints"
+    for p in remove_stale_temporaries(run_dir) + remove_stale_temporaries(ckpt_dir):
+        print(f"removed {p} (left by a killed launch)", flush=True)
+    for p in prune_checkpoints(ckpt_dir, keep, after=resume_step, protect=resume):
+        print(f"removed {p} (beyond train.ckpt_keep={keep}, or after the resumed step {resume_step})", flush=True)
+    last = ckpt_dir / "last.ckpt"
+    if resume is not None and resume.parent.resolve() == ckpt_dir.resolve() and resume.name != last.name:
+        tmp = ckpt_dir / f".last.ckpt.tmp{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(resume, tmp)  # instant and atomic where hard links work
+        except OSError:
+            shutil.copyfile(resume, tmp)
+        os.replace(tmp, last)
+
+
+# --- the metrics log ---------------------------------------------------------------------------
+class MetricsCSV(Logger):
+    """<run>/metrics.csv, one per run: each launch appends to it and flushes every row, so a kill loses no
+    logged row. The first write of a launch that starts at step `start_step` drops the rows after that step
+    (logged by a launch whose later steps the checkpoint does not hold). A key not yet in the header
+    rewrites the file with a wider header (atomically)."""
+
+    COLUMNS = ("step", "train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/tokens",
+               "train/mfu", "val/loss", "final/val_loss")
+
+    def __init__(self, path: Path, start_step: int):
+        super().__init__()
+        self.path, self.start_step = Path(path), start_step
+        self.columns: list[str] | None = None
+
+    @property
+    def name(self) -> str:
+        return "metrics"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # config.yaml holds them
+
+    def _rewrite(self, rows: list[dict[str, str]]) -> None:
+        import io
+
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_bytes(self.path, buf.getvalue().encode())
+
+    def _open(self) -> None:
+        """The first write of this launch: the header so far, and the rows up to `start_step`."""
+        rows: list[dict[str, str]] = []
+        if self.path.is_file():
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                rows = list(reader)
+                self.columns = list(reader.fieldnames or self.COLUMNS)
+        else:
+            self.columns = list(self.COLUMNS)
+        kept = [r for r in rows if r.get("step") not in (None, "") and int(r["step"]) <= self.start_step]
+        if len(kept) != len(rows) or not self.path.is_file():
+            self._rewrite(kept)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.columns is None:
+            self._open()
+        assert self.columns is not None
+        row = {"step": step, **metrics}
+        new = [k for k in row if k not in self.columns]
+        if new:
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            self.columns += new
+            self._rewrite(rows)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns, lineterminator="\n").writerow(row)
+            f.flush()
 
 
 # --- callbacks ---------------------------------------------------------------------------------
@@ -90,49 +216,105 @@ class StepMetrics(Callback):
         self._t0, self._steps = now, 0
 
 
+class Interrupted(BaseException):
+    """A signal during the final validation: stop it (the run resumes there); not an Exception, so that
+    nothing on the way mistakes it for an error to handle."""
+
+
 class Preemption(Callback):
-    """SIGTERM or SIGUSR1: finish the current optimizer step, write checkpoints/last.ckpt, stop.
-    Under SLURM (with requeue on) the job is requeued and resumes from it."""
+    """SIGINT (Ctrl-C), SIGTERM or SIGUSR1: finish the current optimizer step, write checkpoints/last.ckpt,
+    stop. Under SLURM (with requeue on) the job is requeued and resumes from it. Our handlers are in place
+    from the trainer's setup on (a signal before the first step stops at the first step), set again when
+    training and validation start (Lightning installs its own SIGTERM handler, which would stop
+    mid-accumulation), and `restore` puts the original ones back. A signal during the final validation
+    stops it (every step is done: a resume only validates and exports). `signal` ends up the same on every
+    rank (the largest signal number any rank received)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self, last_path: Path, requeue: bool):
         self.last_path, self.requeue = last_path, requeue
         self.signal: int | None = None
         self.preempted_at: int | None = None
-        self._previous: dict[int, Any] = {}
+        self.requeued = False
+        self._originals: dict[int, Any] | None = None
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.signal = signum
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+    def _install(self) -> None:
         import threading
 
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[sig] = signal.signal(sig, self._handler)
+        if self._originals is None:
+            self._originals = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handler)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+    def restore(self) -> None:
+        """The handlers from before the run (also after Lightning's teardown, which reinstalls ours)."""
+        for sig, handler in (self._originals or {}).items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(sig, handler)
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        self._install()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._install()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._install()
+
+    def teardown(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        self.restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        self.restore()
+
+    def _agreed_signal(self, trainer: L.Trainer, pl_module: Any) -> int:
+        signum = self.signal or 0
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            t = torch.tensor([signum], device=pl_module.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            signum = int(t.item())
+        return signum
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if (batch_idx + 1) % pl_module.accumulation:
             return  # only at optimizer-step boundaries: a checkpoint mid-accumulation could not resume exactly
-        flag = 1 if self.signal is not None else 0
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            t = torch.tensor([flag], device=pl_module.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            flag = int(t.item())
-        if flag:
+        signum = self._agreed_signal(trainer, pl_module)
+        if signum:
+            self.signal = signum
             trainer.save_checkpoint(self.last_path)
             self.preempted_at = trainer.global_step
             trainer.should_stop = True
             if trainer.is_global_zero:
-                name = signal.Signals(self.signal).name if self.signal else "a signal on another rank"
-                print(f"received {name}: wrote {self.last_path} at step {trainer.global_step}; stopping", flush=True)
-                if self.requeue and os.environ.get("SLURM_JOB_ID"):
-                    subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+                print(f"received {signal.Signals(signum).name}: wrote {self.last_path} at step {trainer.global_step}; "
+                      f"stopping", flush=True)
+            self._requeue(trainer)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        if trainer.state.fn == "validate" and self._agreed_signal(trainer, pl_module):
+            self._requeue(trainer)
+            raise Interrupted
+
+    def _requeue(self, trainer: L.Trainer) -> None:
+        """Under SLURM with requeue on: every rank counts the job as requeued; rank 0 asks for it."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if not (self.requeue and job):
+            return
+        self.requeued = True
+        if trainer.is_global_zero:
+            try:
+                done = subprocess.run(["scontrol", "requeue", job], check=False).returncode == 0
+            except OSError:
+                done = False
+            if not done:
+                print(f"could not requeue SLURM job {job} (scontrol requeue failed): resubmit it", flush=True)
+                self.requeued = False
 
 
 # --- assembling a run --------------------------------------------------------------------------
@@ -144,19 +326,32 @@ def global_rank() -> int:
 
 
 def ensure_data(cfg: RunConfig, progress: bool = True) -> Path:
-    """The prepared data directory; prepared here (by rank 0, the others wait) when missing and a source is set."""
-    from crate.train.data import MANIFEST, prepare
+    """The prepared data directory; prepared here (by rank 0, the others wait) when missing and a source is
+    set. A prepared one is used when data.* names the inputs it was prepared from (or data.source is
+    null); a folder that `crate prepare` did not write is never written into."""
+    from crate.train.data import MANIFEST, check_out_dir, input_differences, prepare, prepare_args, read_manifest
 
-    path = Path(cfg.data.path)
+    path, d = Path(cfg.data.path), cfg.data
+    inputs = dict(tokenizer=d.tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction, seed=d.seed,
+                  text_field=d.text_field, max_documents=d.max_documents, encoding=d.encoding)
     if (path / MANIFEST).exists():
+        if d.source:
+            differences = input_differences(read_manifest(path)["args"], prepare_args(d.source, **inputs))
+            if differences:
+                raise DataError(
+                    f"data.path {path} was prepared from other inputs than data.* gives ({'; '.join(differences)}): "
+                    f"set data.source=null to train on it as it is, point data.path to a new folder, or re-prepare "
+                    f"it with `crate prepare ... --out {path} --overwrite`"
+                )
+            if global_rank() == 0:
+                print(f"reused {path}: prepared earlier from the same inputs", flush=True)
         return path
-    if not cfg.data.source:
+    if not d.source:
         raise DataError(f"{path} is not a prepared data directory and data.source is not set: run `crate prepare` first")
-    d = cfg.data
-    if global_rank() == 0:
+    if global_rank() == 0:  # the others wait (if it fails, the launcher stops them)
+        check_out_dir(path, "data.path")
         print(f"preparing {d.source} into {path} ({d.tokenizer} tokenizer)", flush=True)
-        prepare(d.source, path, tokenizer=d.tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction,
-                seed=d.seed, text_field=d.text_field, max_documents=d.max_documents, progress=progress)
+        prepare(d.source, path, **inputs, progress=progress)
     else:
         deadline = time.time() + 24 * 3600
         while not (path / MANIFEST).exists():
@@ -200,9 +395,7 @@ def _strategy(cfg: RunConfig) -> Any:
 
 
 def _wandb_logger(cfg: RunConfig, run_dir: Path) -> Any:
-    mode = {False: "off", True: "on", None: "off"}.get(cfg.system.wandb, cfg.system.wandb)  # YAML reads off as False
-    if mode not in ("auto", "on", "off"):
-        raise ConfigError(f"system.wandb must be auto, on or off, got {cfg.system.wandb!r}")
+    mode = {False: "off", True: "on"}.get(cfg.system.wandb, cfg.system.wandb)  # YAML reads off as False
     if mode == "off":
         return None
     try:
@@ -235,9 +428,17 @@ def read_checkpoint_identity(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def check_resume(ckpt: Path, model_config: dict[str, Any], tokenizer: dict[str, Any] | None, fsdp: bool) -> None:
-    """Refuse to resume with another model config, tokenizer or optimizer-state layout than the checkpoint's."""
-    saved = read_checkpoint_identity(ckpt)["crate"]
+FIXED_ON_RESUME = ("batch_size", "context", "seed", "betas", "weight_decay", "eps", "precision")
+
+
+def check_resume(ckpt: Path, model_config: dict[str, Any], tokenizer: dict[str, Any] | None, fsdp: bool,
+                 train_cfg: dict[str, Any] | None = None, data_dir: Path | None = None) -> dict[str, Any]:
+    """Refuse to resume with another model config, tokenizer, data folder, optimizer-state layout or one of
+    the train settings that fix what the run computes (FIXED_ON_RESUME) than the checkpoint's. Returns
+    {"step": its step, "changed": {"train.key": [old, new]}} for the train settings that may change (the
+    schedule, max_steps, clipping, validation, checkpointing, micro_batch_size with the world size)."""
+    state = read_checkpoint_identity(ckpt)
+    saved = state["crate"]
     if bool(saved.get("fsdp")) != fsdp:
         fix = ("resume it with system.strategy=fsdp (any number of processes)" if saved.get("fsdp")
                else "resume it without system.strategy=fsdp")
@@ -256,6 +457,18 @@ def check_resume(ckpt: Path, model_config: dict[str, Any], tokenizer: dict[str, 
             f"cannot resume from {ckpt}: it was trained with tokenizer {old.get('name')} (sha256 {old['sha256'][:12]}) "
             f"but the data uses {new.get('name')} (sha256 {new['sha256'][:12]})"
         )
+    if data_dir is not None and saved.get("data_dir") and saved["data_dir"] != str(data_dir.resolve()):
+        raise CheckpointError(f"cannot resume from {ckpt} with other data: data.path: {saved['data_dir']!r} -> "
+                              f"{str(data_dir.resolve())!r}; resume with data.path={saved['data_dir']}")
+    before = (state.get("hyper_parameters") or {}).get("train") or {}
+    now = train_cfg or {}
+    fixed = [k for k in FIXED_ON_RESUME if k in before and k in now and before[k] != now[k]]
+    if fixed:
+        detail = ", ".join(f"train.{k}: {before[k]!r} -> {now[k]!r}" for k in fixed)
+        raise CheckpointError(f"cannot resume from {ckpt} with {detail}: that changes what the run computes from "
+                              f"here on; resume with the checkpoint's value, or start a new run in another --out")
+    changed = {f"train.{k}": [before[k], now[k]] for k in now if k in before and before[k] != now[k]}
+    return {"step": int(state.get("global_step", 0)), "changed": changed}
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -265,21 +478,9 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def train(cfg: RunConfig, out: str | Path | None = None, resume: str | Path | None = None,
-          progress: bool | None = None) -> dict[str, Any]:
-    """Run a recipe. Returns a summary: run dir, steps, final val loss, whether it was preempted.
-
-    `resume`: a run directory (its checkpoints/last.ckpt) or a .ckpt file. A run directory that already
-    holds checkpoints/last.ckpt is resumed automatically (a requeued SLURM job)."""
-    from lightning.pytorch.callbacks import RichProgressBar
-    from lightning.pytorch.loggers import CSVLogger
-
-    from crate.train.data import load_tokenizer, validate_data
-    from crate.train.datamodule import WindowDataModule
-    from crate.train.module import LMModule
-    from crate.train.tokenizer import tokenizer_identity
-
-    t = cfg.train
+def _resume_point(cfg: RunConfig, out: str | Path | None, resume: str | Path | None) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint to resume from or None): `resume` is a run dir or a .ckpt; a run dir that holds
+    checkpoints/last.ckpt resumes from it."""
     ckpt_path: Path | None = None
     if resume is not None:
         r = Path(resume)
@@ -292,12 +493,67 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: str | Path | No
     if ckpt_path is None and (run_dir / "checkpoints" / "last.ckpt").is_file():
         ckpt_path = run_dir / "checkpoints" / "last.ckpt"
         print(f"resuming {run_dir} from {ckpt_path}", flush=True)
+    return run_dir, ckpt_path
+
+
+def _history(run_dir: Path, ckpt_path: Path | None, cfg: RunConfig, resumed: dict[str, Any]) -> list[dict[str, Any]]:
+    """config.yaml's `history`: per resume that changed settings, its step and {key: [old, new]}. Kept from the
+    previous config.yaml up to the resumed step (later entries belong to the abandoned continuation)."""
+    if not resumed:
+        return []
+    previous: dict[str, Any] = {}
+    for candidate in (run_dir / "config.yaml", *([ckpt_path.parent.parent / "config.yaml"] if ckpt_path else [])):
+        if candidate.is_file():
+            previous = yaml.safe_load(candidate.read_text()) or {}
+            break
+    history = [h for h in previous.get("history") or [] if h.get("step", 0) <= resumed["step"]]
+    changed = dict(resumed["changed"])
+    old_system, new_system = previous.get("system") or {}, _asdict(cfg.system)
+    changed.update({f"system.{k}": [old_system[k], v] for k, v in new_system.items()
+                    if k in old_system and old_system[k] != v})
+    if changed:
+        history.append({"step": resumed["step"], "changed": changed})
+        if global_rank() == 0:
+            print(f"resuming at step {resumed['step']} with "
+                  + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()), flush=True)
+    return history
+
+
+def _recovery(error: Exception, ckpt_dir: Path, lr: float) -> str:
+    """The NaN stop's advice: a command that resumes the newest checkpoint before the NaN with half the rate
+    (resuming the run folder as it is would repeat the same steps and stop again)."""
+    candidates = periodic_checkpoints(ckpt_dir)
+    last = ckpt_dir / "last.ckpt"
+    if last.is_file():  # newer than the periodic ones after a preemption; a periodic one wins a tie
+        candidates.setdefault(int(read_checkpoint_identity(last).get("global_step", 0)), last)
+    good = candidates[max(candidates)] if candidates else None
+    if good is None:
+        return (f"{error}; no checkpoint was written before it: start again with a lower rate, e.g. "
+                f"`crate train --config {ckpt_dir.parent / 'config.yaml'} --out {ckpt_dir.parent} train.lr={lr / 2:.3g}`")
+    return (f"{error}; the checkpoints before it are kept: resume from the newest with a lower rate: "
+            f"`crate train --resume {good} train.lr={lr / 2:.3g}`")
+
+
+def train(cfg: RunConfig, out: str | Path | None = None, resume: str | Path | None = None,
+          progress: bool | None = None) -> dict[str, Any]:
+    """Run a recipe. Returns a summary: run dir, steps, final val loss, whether a signal stopped it (`signal`,
+    `preempted`, `requeued`).
+
+    `resume`: a run directory (its checkpoints/last.ckpt) or a .ckpt file. A run directory that already
+    holds checkpoints/last.ckpt is resumed automatically (a requeued SLURM job)."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from crate.train.data import load_tokenizer, read_manifest, validate_data
+    from crate.train.datamodule import WindowDataModule
+    from crate.train.module import LMModule, NonFiniteLossError
+    from crate.train.tokenizer import tokenizer_identity
+
+    t = cfg.train
+    run_dir, ckpt_path = _resume_point(cfg, out, resume)
     show_progress = sys.stdout.isatty() if progress is None else progress
 
     # data first: the model's vocabulary may come from it; shards are validated before any step
     data_dir = ensure_data(cfg, progress=show_progress)
-    from crate.train.data import read_manifest
-
     manifest = read_manifest(data_dir)
     model_cfg = cfg.model_config(manifest["vocab_size"])
     context = t.context or model_cfg.block_size
@@ -308,8 +564,11 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: str | Path | No
     tok_id = tokenizer_identity(tok, manifest["tokenizer"]["name"])
     if tok_id["sha256"] != manifest["tokenizer"]["sha256"]:
         raise DataError(f"{data_dir}/tokenizer.json does not match the manifest's tokenizer hash: re-run `crate prepare`")
+    train_dict = {**_asdict(t), "betas": list(t.betas)}
+    resumed: dict[str, Any] = {}
     if ckpt_path is not None:
-        check_resume(ckpt_path, model_cfg.to_dict(), tok_id, fsdp=cfg.system.strategy == "fsdp")
+        resumed = check_resume(ckpt_path, model_cfg.to_dict(), tok_id, fsdp=cfg.system.strategy == "fsdp",
+                               train_cfg=train_dict, data_dir=data_dir)
 
     world = world_size(cfg)
     if t.batch_size % (t.micro_batch_size * world):
@@ -321,25 +580,28 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: str | Path | No
     tokens_per_step = t.batch_size * context
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = run_dir / "checkpoints"
     resolved = cfg.to_dict()
     resolved["resolved"] = {"model": model_cfg.to_dict(), "context": context, "world_size": world,
                             "accumulation": accum, "tokens_per_step": tokens_per_step, "tokenizer": tok_id,
                             "data_dir": str(data_dir)}
+    resolved["history"] = _history(run_dir, ckpt_path, cfg, resumed)
     if global_rank() == 0:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        write_bytes(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
+        tidy_run_folder(run_dir, t.ckpt_keep, ckpt_path, resumed.get("step", 0))
 
     L.seed_everything(t.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision(cfg.system.matmul_precision)
-    train_dict = {**_asdict(t), "betas": list(t.betas)}
-    module = LMModule(model_cfg.to_dict(), train_dict, tokenizer=tok_id, accumulation=accum)
+    module = LMModule(model_cfg.to_dict(), train_dict, tokenizer=tok_id, accumulation=accum,
+                      data_dir=str(data_dir.resolve()))
     datamodule = WindowDataModule(data_dir, context, t.batch_size, t.micro_batch_size, t.seed,
                                   t.val_batches, t.final_val_batches, tok_id["sha256"])
 
-    ckpt_dir = run_dir / "checkpoints"
+    # the newest ckpt_keep periodic checkpoints are kept by AtomicCheckpointIO, from the files themselves
     periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:07d}", every_n_train_steps=t.ckpt_every,
-                               save_top_k=t.ckpt_keep, monitor="step", mode="max", save_last=True,
-                               auto_insert_metric_name=False, save_on_train_epoch_end=False)
+                               save_top_k=-1, save_last=True, auto_insert_metric_name=False,
+                               save_on_train_epoch_end=False, enable_version_counter=False)
     callbacks: list[Callback] = [periodic]
     if t.val_every:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",
@@ -351,12 +613,12 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: str | Path | No
     callbacks.append(preemption)
     if show_progress and cfg.system.progress_bar:
         callbacks.append(RichProgressBar())
-    loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="logs")]  # logs/version_N/metrics.csv per launch
+    loggers: list[Any] = [MetricsCSV(run_dir / "metrics.csv", start_step=resumed.get("step", 0))]
     wb = _wandb_logger(cfg, run_dir)
     if wb is not None:
         loggers.append(wb)
 
-    plugins: list[Any] = [AtomicCheckpointIO()]
+    plugins: list[Any] = [AtomicCheckpointIO(keep=t.ckpt_keep)]
     if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_NTASKS"):
         from lightning.fabric.plugins.environments import SLURMEnvironment
 
@@ -371,20 +633,33 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: str | Path | No
         enable_progress_bar=bool(show_progress and cfg.system.progress_bar), log_every_n_steps=cfg.system.log_every,
         use_distributed_sampler=False, enable_model_summary=show_progress, benchmark=False,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(_recovery(e, ckpt_dir, t.lr)) from None
+    finally:
+        preemption.restore()
     summary: dict[str, Any] = {"run_dir": str(run_dir), "step": trainer.global_step, "preempted": False,
                                "world_size": trainer.world_size, "accumulation": accum}
+
+    def stopped() -> dict[str, Any]:
+        return {**summary, "preempted": True, "signal": preemption.signal, "requeued": preemption.requeued}
+
     if preemption.preempted_at is not None:
-        summary["preempted"] = True
-        return summary
-    if trainer.global_step < t.max_steps:  # stopped by something else (interrupt): keep what we have
+        return stopped()
+    if trainer.global_step < t.max_steps:  # stopped by something else: keep what we have
         return summary
     if not (ckpt_dir / "last.ckpt").is_file() or periodic._last_global_step_saved != trainer.global_step:
         trainer.save_checkpoint(ckpt_dir / "last.ckpt")
 
     # final eval over the val split (or final_val_batches of it), then our checkpoint format
     datamodule.final = True
-    result = trainer.validate(module, datamodule=datamodule, verbose=False)
+    try:
+        result = trainer.validate(module, datamodule=datamodule, verbose=False)
+    except Interrupted:  # a signal during it: the steps are done and checkpointed; a resume validates again
+        return stopped()
+    finally:
+        preemption.restore()
     val_loss = float(result[0]["val/loss"]) if result else float("nan")
     summary["val_loss"] = val_loss
     summary["val_ppl"] = math.exp(val_loss) if val_loss < 50 else float("inf")
@@ -457,15 +732,11 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, data_dir: str | Path | 
 
 
 def run_from_cli(config: str | None, overrides: list[str], out: str | None, resume: str | None) -> dict[str, Any]:
-    if resume is not None and config is None and Path(resume).is_dir() and (Path(resume) / "config.yaml").is_file():
-        raw = yaml.safe_load((Path(resume) / "config.yaml").read_text())
-        raw.pop("resolved", None)
-        from crate.train.config import apply_overrides
-
-        cfg = RunConfig.from_dict(apply_overrides(raw, overrides))
-    else:
-        cfg = load_recipe(config, overrides)
-    try:
-        return train(cfg, out=out, resume=resume)
-    except KeyboardInterrupt:
-        raise CrateError("interrupted; resume with `crate train --resume <run dir>`") from None
+    """`crate train`: the recipe is --config, else the config.yaml of the run being resumed (a run dir, or
+    the run dir of a .ckpt in its checkpoints/ folder), else the default; the overrides apply on top."""
+    if resume is not None and config is None:
+        r = Path(resume)
+        run_config = r / "config.yaml" if r.is_dir() else r.parent.parent / "config.yaml"
+        if run_config.is_file():
+            config = str(run_config)
+    return train(load_recipe(config, overrides), out=out, resume=resume)
