@@ -12,12 +12,24 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "build_model": "crate.model", "LanguageModel": "crate.model",
-    "load": "crate.checkpoint", "save": "crate.checkpoint",
+    "load": "crate.checkpoint",
     "ModelConfig": "crate.config", "preset_config": "crate.config",
     "CrateError": "crate.errors", "ConfigError": "crate.errors", "CheckpointError": "crate.errors",
     "TokenOutOfRangeError": "crate.errors",
+    "CrateConfig": "crate.modeling_crate", "CrateForCausalLM": "crate.modeling_crate",
 }
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [*_EXPORTS, "save", "__version__"]
+
+from crate import hf_registry as _hf_registry  # noqa: E402  (light: registers CRATE once transformers is imported)
+
+_hf_registry.install()
+
+
+def save(*args: Any, **kwargs: Any) -> Any:
+    """`crate.checkpoint.save` (see there). Defined here, not lazily: nnsight mounts a `.save` method on every
+    object, which module attribute lookup finds before a PEP 562 `__getattr__`, so a lazy `crate.save` would be
+    nnsight's."""
+    return importlib.import_module("crate.checkpoint").save(*args, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

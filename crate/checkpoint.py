@@ -16,9 +16,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from crate.atomic import fsync_dir
+from crate.atomic import fsync_dir, honour_umask, temporary_dir
 from crate.config import ModelConfig
 from crate.errors import CheckpointError, ConfigError
 from crate.model import LanguageModel
@@ -38,6 +37,7 @@ CONFIG = "config.json"
 TIED = "lm_head.weight"
 COMPILE_PREFIX = "_orig_mod."
 NANOGPT_ARGS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias", "dropout")
+LAYER_KEY = re.compile(r"transformer\.h\.(\d+)\.")
 
 
 def save(
@@ -49,12 +49,13 @@ def save(
     """Write `model` as a checkpoint directory at `path`, atomically (replacing any older one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = temporary_dir(path)  # mkdir()'s permissions under the umask, not mkdtemp's 0700
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED}
         save_file(state, tmp / WEIGHTS, metadata={"format": FORMAT})
         info = {"format": FORMAT, "model": model.config.to_dict(), "tokenizer": tokenizer, "metadata": metadata or {}}
         (tmp / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+        honour_umask(tmp)  # safetensors creates its file 0600
         fsync_dir(tmp)
         _replace_dir(tmp, path)
     except BaseException:
@@ -79,6 +80,10 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
     """The `config.json` of one of our checkpoint directories."""
     path = Path(path)
     cfg = path / CONFIG
+    from crate.hf import hf_info, is_hf_dir
+
+    if is_hf_dir(path):  # a transformers directory (GPT2LMHeadModel, CrateForCausalLM)
+        return hf_info(path)
     if not cfg.is_file():
         raise CheckpointError(f"{path} is not a crate-lm checkpoint directory: {CONFIG} is missing")
     try:
@@ -91,14 +96,21 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", **overrides: Any) -> LanguageModel:
-    """A model in eval mode from our checkpoint directory or an authors'/nanoGPT `.pt` file.
+    """A model in eval mode from our checkpoint directory, an authors'/nanoGPT `.pt` file, or a transformers
+    `GPT2LMHeadModel` / `CrateForCausalLM` directory or hub id (offline: from the local Hugging Face cache).
 
     `overrides` change config fields that do not affect the weights' shapes (e.g. `ista_impl`,
     `dropout`, or `activation` for a GPT file that does not record it)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if path.is_dir():
+        from crate.hf import resolve_hub_id
+
+        path = resolve_hub_id(str(path))  # a hub id, read from the local Hugging Face cache; else FileNotFoundError
+    from crate.hf import is_hf_dir, read_hf_dir
+
+    if is_hf_dir(path):  # a transformers directory (GPT2LMHeadModel, CrateForCausalLM)
+        config, state = read_hf_dir(path, overrides)
+    elif path.is_dir():
         info = read_info(path)
         config = ModelConfig.from_dict({**info["model"], **overrides})
         state = _read_safetensors(path / WEIGHTS)
@@ -131,8 +143,8 @@ def load_state(model: LanguageModel, state: dict[str, Tensor]) -> None:
         if state[k].shape != expected[k].shape
     )
     if missing or unexpected or shapes:
-        problems = [f"missing keys {missing}"] * bool(missing) + [f"unexpected keys {unexpected}"] * bool(unexpected)
-        problems += [f"mis-shaped keys {shapes}"] * bool(shapes)
+        problems = [f"{what} keys {_names(keys)}" for what, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
         raise CheckpointError(
             "the checkpoint does not match the model config: " + "; ".join(problems)
             + ". Check that arch, preset and overrides (n_layer, n_embd, n_hidden, bias, block) match the run"
@@ -140,17 +152,14 @@ def load_state(model: LanguageModel, state: dict[str, Tensor]) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def _names(keys: list[str], limit: int = 12) -> str:
+    """A key list for a message: all of it when short, else the first `limit` and the count."""
+    return str(keys) if len(keys) <= limit else f"{keys[:limit]} and {len(keys) - limit} more"
+
+
 def _read_torch_file(path: Path, overrides: dict[str, Any]) -> tuple[ModelConfig, dict[str, Tensor]]:
     """An authors' or nanoGPT checkpoint: a dict with `model` (state dict) and `model_args`."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refusing to load {path}: it needs arbitrary code to unpickle ({e}). Only tensors and plain "
-            f"Python values are loaded; re-save the file with plain values, or convert it where it was made"
-        ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}. The file is truncated or not a torch checkpoint") from e
+    ckpt = _torch_load(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, expected a dict with 'model' and 'model_args'")
     state = ckpt.get("model", ckpt)
@@ -162,27 +171,88 @@ def _read_torch_file(path: Path, overrides: dict[str, Any]) -> tuple[ModelConfig
     return config, state
 
 
+def _file_kind(path: Path) -> str:
+    """'zip' (torch.save) or 'pickle' (legacy torch.save) from the first bytes; anything else is refused here,
+    before torch sees it, so that garbage is reported as garbage and not as a pickle that needs code."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode, protocols 2-5
+        return "pickle"
+    if not head:
+        raise CheckpointError(f"{path} is empty (0 bytes): the copy or download was cut off; copy it again")
+    header = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0
+    if head[8:9] == b"{" and 0 < header < path.stat().st_size:
+        raise CheckpointError(
+            f"{path} is a safetensors file, not a torch checkpoint (.pt): crate.load reads safetensors weights only "
+            f"inside a checkpoint directory, next to its config.json; pass that directory instead"
+        )
+    raise CheckpointError(
+        f"{path} is not a checkpoint: it is neither a torch.save file (zip or pickle) nor safetensors "
+        f"(first bytes {head[:8]!r}). Check the path, or copy the file again if it is damaged"
+    )
+
+
+def _torch_load(path: Path) -> Any:
+    """`torch.load(weights_only=True)` with errors in our words: torch's advice to retry with
+    `weights_only=False` (which runs the file's code) is never passed on, not even as a chained exception."""
+    kind = _file_kind(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        needs = re.search(r"\bGLOBAL ([\w.]+)", str(e))  # a class or function the pickle would import
+        if needs:
+            raise CheckpointError(
+                f"refusing to load {path}: it needs arbitrary code to unpickle ({needs[1]}), and crate-lm never runs "
+                f"code from a checkpoint. Only tensors and plain Python values are loaded: re-save it where it was "
+                f"made with plain values, e.g. torch.save({{'model': model.state_dict(), 'model_args': {{...}}}}, path)"
+            ) from None
+        reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n|$)", str(e))
+        raise CheckpointError(
+            f"cannot read {path}: its {kind} data is not a torch checkpoint ({reason[1] if reason else 'unreadable'}); "
+            f"the file is truncated or corrupted, or is not a torch.save file. Copy it again or re-save it"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - a damaged file surfaces as RuntimeError, OSError, EOFError, KeyError...
+        first = str(e).split(". ")[0].strip() or type(e).__name__
+        raise CheckpointError(
+            f"cannot read {path}: the file is truncated or not a torch checkpoint ({kind}: {first}). "
+            f"Copy it again or re-save it"
+        ) from None
+
+
 def _config_from_state(state: dict[str, Tensor], args: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
     """Detect CRATE vs GPT from the keys; shapes come from the weights, the rest from `model_args`."""
-    if any(k.endswith(".ista.weight") for k in state):
-        arch = "crate"
-        hidden = state["transformer.h.0.ista.weight"].shape[0]
-    elif any(k.endswith(".mlp.c_fc.weight") for k in state):
-        arch = "gpt"
-        hidden = state["transformer.h.0.mlp.c_fc.weight"].shape[0]
+    layers = {k: int(m[1]) for k in state if (m := LAYER_KEY.match(k))}
+    ista = sorted((layers.get(k, -1), k) for k in state if k.endswith(".ista.weight"))
+    fc = sorted((layers.get(k, -1), k) for k in state if k.endswith(".mlp.c_fc.weight"))
+    if ista or fc:  # shapes from the lowest layer that has the key; any renamed key is named by load_state
+        arch = "crate" if ista else "gpt"
+        signature = (ista or fc)[0][1]
     else:
         raise CheckpointError(
             "cannot tell the architecture: the state dict has neither '*.ista.weight' (CRATE) nor "
             f"'*.mlp.c_fc.weight' (GPT) keys; first keys: {sorted(state)[:6]}"
         )
-    if "transformer.wte.weight" not in state or "transformer.wpe.weight" not in state:
-        raise CheckpointError("missing keys ['transformer.wpe.weight', 'transformer.wte.weight']: not a nanoGPT-style checkpoint")
-    vocab, n_embd = state["transformer.wte.weight"].shape
-    n_layer = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("transformer.h."))
+    wte, wpe = "transformer.wte.weight", "transformer.wpe.weight"
+    missing = [k for k in (wpe, wte) if k not in state]
+    if missing:
+        raise CheckpointError(f"missing keys {missing}: not a nanoGPT-style checkpoint")
+    flat = [f"{k}: checkpoint {tuple(state[k].shape)}, expected 2 dimensions" for k in (signature, wpe, wte)
+            if state[k].dim() != 2]
+    if flat:
+        raise CheckpointError(f"mis-shaped keys {flat}: the checkpoint is corrupted or not a CRATE/GPT model")
+    vocab, n_embd = state[wte].shape
+    hidden = state[signature].shape[0]
+    # keys like transformer.h.extra.foo count for no layer: load_state reports them as unexpected
+    n_layer = 1 + max(layers.values(), default=0)
     bias = "transformer.ln_f.bias" in state
     fields = dict(
         arch=arch, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab, n_hidden=hidden, bias=bias,
-        block_size=state["transformer.wpe.weight"].shape[0], n_head=args.get("n_head"),
+        block_size=state[wpe].shape[0], n_head=args.get("n_head"),
     )
     if arch == "gpt":
         # nanoGPT with biases is GPT-2 (GELU); the paper's bias-free baseline uses ReLU (SPEC.md section 2).

@@ -15,7 +15,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-SUBSYSTEMS = ("crate.train.cli", "crate.eval.cli", "crate.eval.report_cli")
+SUBSYSTEMS = ("crate.train.cli", "crate.eval.cli", "crate.eval.report_cli", "crate.eval.sae_cli")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -58,10 +58,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from crate.checkpoint import load
-    from crate.hf import export_gpt2
+    from crate.hf import checkpoint_tokenizer, export_hf
 
-    export_gpt2(load(args.checkpoint), args.out)
-    print(f"wrote a transformers GPT2LMHeadModel directory to {args.out}")
+    model = load(args.checkpoint)
+    tok, identity = checkpoint_tokenizer(args.checkpoint, args.data)
+    export_hf(model, args.out, tokenizer=tok, tokenizer_identity=identity)
+    kind = "CrateForCausalLM (with modeling_crate.py)" if model.config.arch == "crate" else "GPT2LMHeadModel"
+    print(f"wrote a transformers {kind} directory to {args.out}"
+          + ("" if tok is not None else "; no tokenizer found (pass --data DIR to export one)"))
     return 0
 
 
@@ -78,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=["relu", "gelu"], help="GPT only: the MLP activation, if the file does not say")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export-hf", help="export a GPT checkpoint to a transformers GPT2LMHeadModel directory")
+    p = sub.add_parser("export-hf", help="export a checkpoint to transformers (CRATE: CrateForCausalLM, GPT: GPT2LMHeadModel)")
     p.add_argument("checkpoint")
     p.add_argument("out")
+    p.add_argument("--data", default=None, help="a prepared data directory whose tokenizer to export (default: the checkpoint's)")
     p.set_defaults(func=cmd_export_hf)
 
     for name in SUBSYSTEMS:
@@ -104,6 +109,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Errors of ours name the problem and the fix; a traceback would only bury them.
         print(f"crate {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # every command keeps what it finished (shards, checkpoints, scored neurons) and resumes from it
+        print(f"\ncrate {args.command}: interrupted; {RESUME.get(args.command, 'run the same command again to resume')}",
+              file=sys.stderr)
+        return 130
+
+
+RESUME = {
+    "train": "resume with `crate train --resume <run dir>`",
+    "prepare": "run the same command again: it resumes from the last shard and gives identical shards",
+    "interpret": "run the same command again: records and scored neurons are kept and reused",
+    "demo": "run the same command again: finished steps are reused",
+    "reproduce": "run the same command again: finished steps are reused",
+}
 
 
 if __name__ == "__main__":

@@ -146,6 +146,80 @@ def test_mismatched_keys_are_named(tmp_path):
     assert "transformer.h.1.attn.c_proj.weight: checkpoint (64, 32) vs model (64, 64)" in msg
 
 
+SIGNATURE = {"crate": "ista.weight", "gpt": "mlp.c_fc.weight"}  # the key that tells the architecture
+
+
+@pytest.mark.parametrize("arch", ["crate", "gpt"])
+def test_layer0_renames_and_non_layer_keys_are_named(tmp_path, arch):
+    model = crate.build_model(arch, "tiny")
+    ck = authors_checkpoint(model)
+    sd = ck["model"]
+    key = f"transformer.h.0.{SIGNATURE[arch]}"
+    sd[f"_orig_mod.{key}_renamed"] = sd.pop(f"_orig_mod.{key}")  # was a KeyError
+    sd["_orig_mod.transformer.h.extra.foo"] = torch.zeros(3)  # was ValueError: invalid literal for int()
+    sd["_orig_mod.transformer.h.0.attn.c_proj.weight"] = torch.zeros(64, 32)
+    torch.save(ck, tmp_path / "bad.pt")
+    with pytest.raises(crate.CheckpointError) as err:
+        crate.load(tmp_path / "bad.pt")
+    msg = str(err.value)
+    assert f"missing keys ['{key}']" in msg
+    assert f"unexpected keys ['{key}_renamed', 'transformer.h.extra.foo']" in msg
+    assert "mis-shaped keys ['transformer.h.0.attn.c_proj.weight: checkpoint (64, 32) vs model (64, 64)']" in msg
+
+
+def test_long_key_lists_are_cut_to_a_readable_message(tmp_path):
+    model = crate.build_model("gpt", "tiny")
+    torch.save(authors_checkpoint(model), tmp_path / "ckpt.pt")
+    with pytest.raises(crate.CheckpointError) as err:
+        crate.load(tmp_path / "ckpt.pt", n_layer=5)  # layers 2-4 have no weights in the file
+    missing = sorted(set(crate.build_model("gpt", "tiny", n_layer=5).state_dict()) - set(model.state_dict()))
+    assert len(missing) > 12
+    assert f"missing keys {missing[:12]} and {len(missing) - 12} more." in str(err.value)
+
+
+def shown_chain(e):
+    """The exception and those Python prints with it (its cause, or its context unless suppressed)."""
+    while e is not None:
+        yield e
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+
+
+class NeedsAClass:  # a plain class: unpickling it means importing and running this module's code
+    pass
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path, capsys):
+    model = crate.build_model("crate", "micro")
+    torch.save(authors_checkpoint(model), tmp_path / "full.pt")
+    zipped = (tmp_path / "full.pt").read_bytes()
+    assert zipped[:4] == b"PK\x03\x04"  # torch.save writes a zip archive
+    cases = {
+        "random.pt": (torch.Generator().manual_seed(0), "is not a checkpoint: it is neither a torch.save file"),
+        "cut.pt": (zipped[: len(zipped) // 3], "truncated or not a torch checkpoint"),
+        "class.pt": (None, "needs arbitrary code to unpickle (test_checkpoint.NeedsAClass)"),
+        "weights.pt": (None, "is a safetensors file, not a torch checkpoint"),
+        "empty.pt": (b"", "is empty (0 bytes)"),
+    }
+    rand = torch.randint(0, 256, (4096,), generator=cases["random.pt"][0], dtype=torch.uint8).numpy().tobytes()
+    assert rand[:1] not in (b"\x80", b"P")  # neither a pickle nor a zip by accident
+    (tmp_path / "random.pt").write_bytes(rand)
+    (tmp_path / "cut.pt").write_bytes(cases["cut.pt"][0])
+    torch.save({"model": {}, "obj": NeedsAClass()}, tmp_path / "class.pt")
+    from safetensors.torch import save_file
+
+    save_file({"wte.weight": torch.zeros(4, 2)}, tmp_path / "weights.pt")  # e.g. a Hugging Face model.safetensors
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, (_, expected) in cases.items():
+        with pytest.raises(crate.CheckpointError) as err:
+            crate.load(tmp_path / name)
+        assert expected in str(err.value), (name, str(err.value))
+        # torch's advice to retry with weights_only=False runs the file's code: never passed on, not even chained
+        assert not any("weights_only" in str(e) for e in shown_chain(err.value)), name
+        assert cli(["convert", str(tmp_path / name), str(tmp_path / "out")]) == 2
+        out = capsys.readouterr()
+        assert expected in out.err and "Traceback" not in out.err and "weights_only" not in out.err
+
+
 def test_foreign_files_fail_clearly(tmp_path):
     torch.save({"model": {"encoder.weight": torch.zeros(3)}}, tmp_path / "other.pt")
     with pytest.raises(crate.CheckpointError, match="cannot tell the architecture"):
@@ -186,5 +260,7 @@ def test_gpt_matches_transformers_and_exports(tmp_path, extra):
 
 
 def test_crate_does_not_export_to_gpt2(tmp_path):
-    crate.save(crate.build_model("crate", "micro"), tmp_path / "c")
-    assert cli(["export-hf", str(tmp_path / "c"), str(tmp_path / "hf")]) == 2
+    from crate.hf import gpt2_state_dict
+
+    with pytest.raises(crate.CheckpointError, match="CrateForCausalLM"):  # CRATE exports to its own class
+        gpt2_state_dict(crate.build_model("crate", "micro"))
