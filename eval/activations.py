@@ -510,7 +510,8 @@ def neuron_windows(rec: LayerRecording, neuron: int, stream: np.ndarray, token_s
 
 def neuron_record(rec: LayerRecording, neuron: int, stream: np.ndarray, token_strings: Sequence[str],
                   layer_index: int | None = None, ids: dict[str, np.ndarray] | None = None):
-    """The neuron_explainer `NeuronRecord` of one neuron."""
+    """The neuron_explainer `NeuronRecord` of one neuron; its moments are over every recorded token
+    (population variance, excess kurtosis: see crate.eval.records)."""
     from crate.eval.records import ActivationRecord, NeuronId, NeuronRecord
 
     w = neuron_windows(rec, neuron, stream, token_strings, ids=ids)
@@ -521,8 +522,8 @@ def neuron_record(rec: LayerRecording, neuron: int, stream: np.ndarray, token_st
         random_sample=[ar(x) for x in w["random"]],
         random_sample_by_quantile=[[ar(x) for x in ws] for ws in w["quantile"]],
         quantile_boundaries=[float(b) for b in rec.boundaries[neuron]],
-        mean=float(rec.mean[neuron]),
-        stdev=float(math.sqrt(max(float(rec.var[neuron]), 0.0))),
+        mean=float(rec.mean[neuron]), variance=float(rec.var[neuron]),
+        skewness=float(rec.skew[neuron]), kurtosis=float(rec.kurt[neuron]),
         most_positive_activation_records=[ar(x) for x in w["top"]],
     )
 

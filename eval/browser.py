@@ -159,6 +159,11 @@ def write_browser(
             "of `crate interpret` (it holds records/<layer>/<neuron>.json and scores/<protocol>/<layer>.jsonl)"
         )
     out = Path(out)
+    from crate.provenance import check_owned
+
+    check_owned(out, ("index.html",), "another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "data" / "index.js").is_file():
+        raise ReportError(f"{out} holds an index.html that is not a neuron browser of ours: choose another --out")
     data = out / "data"
     if data.exists():
         shutil.rmtree(data)
@@ -207,7 +212,7 @@ def _write_layer(r: ModelResult, mid: str, layer: str, protocols: list[str], dat
         neurons.append({"n": i, "scores": scores, "explanation": explanation, "active": _num(act), "max": max_act})
         detail = {
             "model": mid, "layer": layer, "neuron": i, "max": max_act, "active": _num(act),
-            "mean": _num((record or {}).get("mean")), "stdev": _num((record or {}).get("stdev")),
+            "mean": _num((record or {}).get("mean")), "variance": _num((record or {}).get("variance")),
             "top": top_recs[:top], "random": rand_recs[:random], "scored": scored,
             "n_top": len(top_recs), "n_random": len(rand_recs),
         }
@@ -233,7 +238,7 @@ def _scored(row: dict[str, Any], r: ModelResult, layer: str, i: int, protocol: s
 
 # --- the pages -------------------------------------------------------------------------------------------
 CSS = """
-:root{--fg:#1d2330;--muted:#667085;--line:#e4e7ec;--bg:#fff;--head:#f6f8fb;--crate:#1f6feb;--gpt:#d9480f}
+:root{--fg:#1d2330;--muted:#667085;--line:#e4e7ec;--bg:#fff;--head:#f6f8fb;--crate:#1f6feb;--gpt:#d9480f;--sae:#2f9e44}
 *{box-sizing:border-box}body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:var(--fg);margin:0;background:var(--bg)}
 header{padding:10px 20px;border-bottom:1px solid var(--line);background:var(--head);display:flex;gap:16px;align-items:baseline}
 header a{color:var(--fg);text-decoration:none;font-weight:600}main{padding:16px 20px}
@@ -243,14 +248,14 @@ table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid var(--li
 th{background:var(--head);cursor:pointer;user-select:none;position:sticky;top:0;white-space:nowrap}th.sorted-asc::after{content:" \\25B2"}th.sorted-desc::after{content:" \\25BC"}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .cols{display:flex;gap:16px;align-items:flex-start}.cols>section{flex:1;min-width:0}
-.arch-crate{border-top:3px solid var(--crate)}.arch-gpt{border-top:3px solid var(--gpt)}
+.arch-crate{border-top:3px solid var(--crate)}.arch-gpt{border-top:3px solid var(--gpt)}.arch-gpt-sae{border-top:3px solid var(--sae)}
 .badge{display:inline-block;padding:0 6px;border-radius:8px;font-size:12px;background:#eef2f6}
 input[type=search]{padding:6px 8px;width:min(520px,100%);border:1px solid #c9ced6;border-radius:6px;font-size:14px}
 .rec{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12.5px;line-height:1.9;margin:3px 0;padding:4px 6px;border:1px solid var(--line);border-radius:4px;overflow-wrap:anywhere}
 .tok{white-space:pre;border-radius:2px;padding:1px 0}.lbl{display:inline-block;width:88px;color:var(--muted);font-family:system-ui,sans-serif;font-size:11px}
 .pair{margin:6px 0 10px}.expl{font-size:15px;padding:8px 10px;background:#f5f8ff;border-left:3px solid var(--crate);margin:6px 0}
 .stats span{margin-right:16px}
-tr.arch-row-crate td:first-child{border-left:3px solid var(--crate)}tr.arch-row-gpt td:first-child{border-left:3px solid var(--gpt)}
+tr.arch-row-crate td:first-child{border-left:3px solid var(--crate)}tr.arch-row-gpt td:first-child{border-left:3px solid var(--gpt)}tr.arch-row-gpt-sae td:first-child{border-left:3px solid var(--sae)}
 """
 
 COMMON_JS = r"""
@@ -442,7 +447,7 @@ function start() {
   loadScript('data/' + id + '/' + layer + '/' + n + '.js').then(() => {
     const d = CB.neurons[id + '/' + layer + '/' + n];
     main.append(el('p', {class: 'stats'}, el('span', {}, 'max activation ' + fmt(d.max, 3)), el('span', {}, 'active on ' + pct(d.active) + ' of tokens'),
-      el('span', {}, 'mean ' + fmt(d.mean, 4)), el('span', {}, 'stdev ' + fmt(d.stdev, 4))));
+      el('span', {}, 'mean ' + fmt(d.mean, 4)), el('span', {}, 'variance ' + fmt(d.variance, 4))));
     for (const [p, s] of Object.entries(d.scored)) {
       const sec = el('section', {class: 'scored', 'data-protocol': p});
       sec.append(el('h2', {}, p + ': score ' + fmt(s.score) + (s.note ? ' (' + s.note + ')' : '')));

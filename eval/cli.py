@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 
@@ -24,22 +23,27 @@ def _layers(text: str | None) -> list[int | str] | None:
 
 
 def _neurons(text: str | None) -> int | list[int] | None:
+    """all | sample:N | 0-99,200 -> None | N | [0, ..., 99, 200]; anything else is an error naming the syntax."""
+    from crate.errors import CrateError
+
     if not text or text == "all":
         return None
-    if text.startswith("sample:"):
-        return int(text.split(":", 1)[1])
-    out: list[int] = []
-    for part in text.split(","):
-        if "-" in part:
-            a, b = part.split("-")
-            out += list(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
-    return out
+    try:
+        if text.startswith("sample:"):
+            return int(text.split(":", 1)[1])
+        out: list[int] = []
+        for part in text.split(","):
+            a, sep, b = part.partition("-")
+            out += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+        return out
+    except ValueError:
+        raise CrateError(f"--neurons {text!r}: use all, sample:N, or indices and ranges such as 0-99,200") from None
 
 
 def cmd_interpret(args: argparse.Namespace) -> int:
-    from crate.eval.interpret import InterpretConfig, run_compare, run_interpret, summary_markdown
+    from crate.errors import CrateError
+    from crate.eval.interpret import InterpretConfig, model_label, run_compare, run_interpret, summary_markdown
+    from crate.eval.sae import split_sae_spec
 
     llm_options: dict[str, Any] = {}
     if args.quantize:
@@ -48,25 +52,30 @@ def cmd_interpret(args: argparse.Namespace) -> int:
         llm_options["api_key_env"] = None if args.no_api_key else args.api_key_env
     if args.no_api_key:
         llm_options["require_key"] = False
+    if args.requests_in_flight is not None:
+        llm_options["concurrency"] = args.requests_in_flight
     cfg = InterpretConfig(
         protocol=args.protocol, explainer=args.explainer, simulator=args.simulator or args.explainer,
         layers=_layers(args.layers), neurons=_neurons(args.neurons), n_tokens=args.tokens, seq_len=args.seq_len,
         split=args.split, seed=args.seed, batch_size=args.batch_size, device=args.device,
         extra_scores=not args.no_extra_scores, llm_options=llm_options, cache=args.cache,
         control=args.control, exclude_last={"auto": "auto", "yes": True, "no": False}[args.exclude_last],
-        write_json=not args.no_json, progress=True,
+        write_json=not args.no_json, progress=True, schedule=args.schedule, neurons_in_flight=args.neurons_in_flight,
     )
-    if len(args.checkpoint) == 1 and not args.controls:
-        summary = run_interpret(args.checkpoint[0], args.data, args.out, cfg)
-        print(summary_markdown({os.path.basename(str(args.checkpoint[0]).rstrip("/")): summary}))
+    if len(args.checkpoint) == 1 and not args.controls and "=" not in args.checkpoint[0]:
+        summary = run_interpret(args.checkpoint[0], args.data, args.out, cfg, overwrite=args.overwrite)
+        print(summary_markdown({summary["provenance"]["model"]["name"]: summary}))
     else:
         names: dict[str, str] = {}
         for c in args.checkpoint:
             name, sep, path = c.partition("=")
             if not sep:
-                name, path = os.path.basename(c.rstrip("/")), c
+                base, saes = split_sae_spec(c)  # DIR+SAE: named after the run, as GPT-SAE
+                name, path = model_label(base) + ("-sae" if saes else ""), c
+            if name in names:
+                raise CrateError(f"two checkpoints are named {name!r}: name them, e.g. -c crate=DIR gpt=DIR")
             names[name] = path
-        summary = run_compare(names, args.data, args.out, cfg, controls=args.controls)
+        summary = run_compare(names, args.data, args.out, cfg, controls=args.controls, overwrite=args.overwrite)
         print(summary_markdown(summary["models"], summary["comparison"]))
     print(f"wrote {args.out}/ (records, scores/{cfg.protocol}/, summary.json, summary.md, provenance.json)")
     return 0
@@ -76,7 +85,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("interpret", help="record activations, explain / simulate / score neurons, summarise",
                        description="Neuron-level interpretability (SPEC.md section 6), offline and reproducible.")
     p.add_argument("--checkpoint", "-c", nargs="+", required=True,
-                   help="checkpoint dir or .pt; several (or NAME=PATH) to compare models")
+                   help="checkpoint dir or .pt; several (or NAME=PATH) to compare models; DIR+SAE[,SAE] scores "
+                        "the latents of SAEs (crate sae train) on DIR's neurons")
     p.add_argument("--data", "-d", required=True, help="a prepared data directory (crate prepare)")
     p.add_argument("--out", "-o", required=True, help="output directory")
     p.add_argument("--protocol", default="tar", help="tar | random | short (top-and-random, random-only, short-context)")
@@ -94,6 +104,12 @@ def register(sub: Any) -> None:
     p.add_argument("--quantize", choices=["4bit"], default=None, help="load the hf: LLM in 4 bits (bitsandbytes)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the HTTP key")
     p.add_argument("--no-api-key", action="store_true", help="the HTTP endpoint needs no key")
+    p.add_argument("--schedule", choices=["batched", "neuron"], default="batched",
+                   help="batched: LLM calls of many neurons share batches (default); neuron: one neuron at a time")
+    p.add_argument("--neurons-in-flight", type=int, default=64,
+                   help="batched schedule: neurons whose LLM calls are batched together (default 64)")
+    p.add_argument("--requests-in-flight", type=int, default=None,
+                   help="HTTP LLM: concurrent requests (default 256; a vLLM server batches them)")
     p.add_argument("--cache", default=None, help="LLM call cache (default <out>/llm_cache.sqlite)")
     p.add_argument("--control", action="store_true", help="score a randomly initialised model of the same config")
     p.add_argument("--controls", action="store_true", help="also score random-init controls of every checkpoint")
@@ -101,4 +117,6 @@ def register(sub: Any) -> None:
                    help="drop the last layer from the model aggregate (auto: for 6 and 12 layers, as the paper)")
     p.add_argument("--no-extra-scores", action="store_true", help="skip detection and fuzzing scores")
     p.add_argument("--no-json", action="store_true", help="write only the binary record cache, no per-neuron JSON")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard scores in --out that other inputs produced (otherwise such a rerun is refused)")
     p.set_defaults(func=cmd_interpret)

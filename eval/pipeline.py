@@ -1,11 +1,13 @@
 """Whole pipelines: `crate demo` (tiny, offline, minutes on a CPU) and `crate reproduce` (the paper's sizes).
 
-Both run the same steps for CRATE and GPT, each skipped when its output is already complete, so an
-interrupted run picks up where it stopped:
+Both run the same steps for CRATE and GPT. Each step's output carries its provenance (crate.provenance), so a
+rerun reuses exactly what matches its inputs, says so, and resumes what was interrupted; an output of other
+inputs is refused with the differences named (`--overwrite` discards it):
 
-    data        crate.train.data.prepare(source, <out>/data/...)          done: manifest.json
-    train       crate.train.run.train(recipe, <out>/runs/<arch>-<size>)    done: <run>/final/config.json
-    interpret   crate.eval.interpret.run_interpret(<run>/final, ...)       done: <out>/interpret/.../.done-<protocol>
+    data        crate.train.data.prepare(source, <out>/data/...)          reused when manifest.json has the same arguments
+    train       crate.train.run.train(recipe, <out>/runs/<arch>-<size>)    reused when .provenance.json has the same
+                                                                           recipe and data, resumed when unfinished
+    interpret   crate.eval.interpret.run_interpret(<run>/final, ...)       records and scores reused by their stamps
                 (it resumes inside a layer too: finished neurons are skipped)
     report      crate.eval.report.write_report(...)                        always rewritten (seconds)
     browser     crate.eval.browser.write_browser(...)                      always rewritten
@@ -19,7 +21,7 @@ explainer/simulator (and SmolLM2-135M with --llm), scores random-initialised con
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any
 from crate.errors import CrateError
 
 ARCHS = ("crate", "gpt")
+SAE_SIZES = ("1L", "2L", "3L")  # the paper's GPT-SAE rows (SPEC.md 6a)
 
 
 class PipelineError(CrateError):
@@ -37,15 +40,6 @@ class PipelineError(CrateError):
 def _log(msg: str, t0: float | None = None) -> None:
     stamp = f"[{time.perf_counter() - t0:6.1f}s] " if t0 is not None else ""
     print(f"{stamp}{msg}", flush=True)
-
-
-def _done(marker: Path) -> bool:
-    return marker.is_file()
-
-
-def _mark(marker: Path, info: dict[str, Any] | None = None) -> None:
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(info or {}, default=str) + "\n")
 
 
 # --- model sizes -----------------------------------------------------------------------------------------
@@ -68,30 +62,61 @@ def matched_overrides(preset: str, vocab_size: int, block_size: int, multiple: i
 
 
 # --- the steps -------------------------------------------------------------------------------------------
-def prepare_data(source: str, out: Path, tokenizer: str, vocab_size: int, t0: float, max_documents: int | None = None) -> Path:
+def prepare_data(source: str, out: Path, tokenizer: str, vocab_size: int, t0: float, max_documents: int | None = None,
+                 overwrite: bool = False) -> Path:
+    """`crate prepare` into `out`: a folder prepared with the same inputs is reused, one of other inputs refused
+    (crate.train.data.prepare compares the arguments its manifest records)."""
     from crate.train.data import MANIFEST, prepare
 
-    if (out / MANIFEST).is_file():
-        _log(f"data: {out} is prepared (skipped)", t0)
-        return out
-    _log(f"data: preparing {source} with the {tokenizer} tokenizer into {out}", t0)
-    prepare(source, out, tokenizer=tokenizer, vocab_size=vocab_size, progress=False, max_documents=max_documents)
+    existed = (out / MANIFEST).is_file()
+    if not existed:
+        _log(f"data: preparing {source} with the {tokenizer} tokenizer into {out}", t0)
+    try:
+        prepare(source, out, tokenizer=tokenizer, vocab_size=vocab_size, progress=False, max_documents=max_documents)
+    except CrateError as e:  # other arguments than the folder's (or an unfinished prepare of them)
+        if not (overwrite and existed):
+            raise
+        _log(f"data: {out} was prepared otherwise, --overwrite: preparing again ({e})", t0)
+        prepare(source, out, tokenizer=tokenizer, vocab_size=vocab_size, progress=False, max_documents=max_documents,
+                overwrite=True)
+        existed = False
+    if existed:
+        _log(f"data: {out} reused (prepared with the same arguments)", t0)
     return out
 
 
 def train_model(name: str, model: dict[str, Any], data: dict[str, Any], train: dict[str, Any], run_dir: Path,
-                t0: float, system: dict[str, Any] | None = None, progress: bool | None = False) -> Path:
-    """Train one model through crate.train (its recipe format); returns <run>/final."""
-    final = run_dir / "final"
-    if (final / "config.json").is_file():
-        _log(f"train {name}: {final} exists (skipped)", t0)
-        return final
+                t0: float, system: dict[str, Any] | None = None, progress: bool | None = False,
+                overwrite: bool = False) -> Path:
+    """Train one model through crate.train (its recipe format); returns <run>/final. A run folder of the same recipe
+    and data is reused (or resumed when unfinished); one of another recipe is refused, or discarded with `overwrite`."""
+    import shutil
+
+    from crate.provenance import check_stamp, describe, refuse, write_stamp
     from crate.train.config import RunConfig
+    from crate.train.data import read_manifest
     from crate.train.run import train as run_train
 
     raw = {"name": name, "model": model, "data": data, "train": train, "system": dict(system or {})}
     cfg = RunConfig.from_dict(raw)
-    _log(f"train {name}: {train.get('max_steps')} steps into {run_dir}", t0)
+    identity = {"stage": "train", "recipe": {k: raw[k] for k in ("model", "data", "train")},
+                "data_manifest": _manifest_identity(read_manifest(data["path"])) if data.get("path") else None}
+    final = run_dir / "final"
+    status, diffs = check_stamp(run_dir, identity)
+    if status == "new" and run_dir.exists() and any(run_dir.iterdir()):
+        status, diffs = "stale", ["a run folder without provenance (an older crate-lm, or not ours)"]
+    if status == "stale":
+        if not overwrite:
+            refuse("a training run", run_dir, diffs, "--overwrite")
+        _log(f"train {name}: discarding {run_dir}, --overwrite ({describe(diffs, 3)})", t0)
+        shutil.rmtree(run_dir)
+    if status == "reuse" and (final / "config.json").is_file():
+        _log(f"train {name}: {final} reused (same recipe and data)", t0)
+        return final
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_stamp(run_dir, "train", identity)
+    _log(f"train {name}: {train.get('max_steps')} steps into {run_dir}"
+         f"{' (resuming)' if (run_dir / 'checkpoints' / 'last.ckpt').is_file() else ''}", t0)
     summary = run_train(cfg, out=run_dir, progress=progress)
     if not (final / "config.json").is_file():
         raise PipelineError(f"training {name} stopped at step {summary.get('step')} without a final checkpoint; "
@@ -100,28 +125,56 @@ def train_model(name: str, model: dict[str, Any], data: dict[str, Any], train: d
     return final
 
 
+def _manifest_identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What identifies prepared data: its arguments, tokenizer and shards (names, sizes, maxima)."""
+    return {k: manifest.get(k) for k in ("args", "tokenizer", "splits", "tokens")}
+
+
 def interpret_model(name: str, checkpoint: Path, data_dir: Path, out: Path, protocol: str, t0: float,
-                    **config: Any) -> Path:
+                    overwrite: bool = False, **config: Any) -> Path:
+    """`crate interpret` of one model: what its provenance matches is reused (run_interpret says what)."""
     from crate.eval.interpret import InterpretConfig, run_interpret
 
-    marker = out / f".done-{protocol}"
-    if _done(marker):
-        _log(f"interpret {name} ({protocol}, {config.get('explainer', 'stats')}): done (skipped)", t0)
-        return out
     if "seq_len" not in config:  # the model's context, at most the paper's 1024
         from crate.checkpoint import read_info
 
-        config["seq_len"] = min(1024, int(read_info(checkpoint)["model"]["block_size"]))
+        from crate.eval.sae import split_sae_spec
+
+        config["seq_len"] = min(1024, int(read_info(split_sae_spec(checkpoint)[0])["model"]["block_size"]))
     cfg = InterpretConfig(protocol=protocol, **config)
     _log(f"interpret {name}: {protocol} protocol, explainer {cfg.explainer}, simulator {cfg.simulator}"
          f"{', random-init control' if cfg.control else ''}", t0)
-    summary = run_interpret(checkpoint, data_dir, out, cfg)
-    _mark(marker, {"protocol": protocol, "seconds": summary.get("seconds")})
+    run_interpret(checkpoint, data_dir, out, cfg, overwrite=overwrite, name=out.name)
     return out
 
 
-def print_main_table(out: Path) -> None:
-    table = out / "main_table.md"
+def train_saes(final: Path, data_dir: Path, t0: float, overwrite: bool = False, **settings: Any) -> str:
+    """An SAE on every layer's neurons (crate sae train, into <run>/sae/relu-l<L>); returns "FINAL+SAE,SAE", the
+    checkpoint form `crate interpret` and `crate steer --sweep` take."""
+    from crate.checkpoint import read_info
+    from crate.eval.sae import SAETrainConfig, metrics_line, train_from_files
+
+    outs = []
+    for layer in range(int(read_info(final)["model"]["n_layer"])):
+        cfg = SAETrainConfig(layer=layer, **settings)
+        _log(f"sae {final.parent.name} layer {layer}: {cfg.kind}, {cfg.expansion}x, {cfg.steps} steps", t0)
+        out, metrics = train_from_files(final, data_dir, None, cfg, overwrite=overwrite)
+        _log(f"sae {out}: {metrics_line(metrics)}", t0)
+        outs.append(str(out))
+    return f"{final}+{','.join(outs)}"
+
+
+def steering_sweep(checkpoints: dict[str, str], data_dir: Path, out: Path, t0: float, **settings: Any) -> Path:
+    """`crate steer --sweep` over the systems (recomputed each time: seconds at these sizes)."""
+    from crate.eval.steer_sweep import SweepConfig, sweep_files
+
+    _log(f"steering sweep: {', '.join(checkpoints)} -> {out}", t0)
+    sweep_files({k: str(v) for k, v in checkpoints.items()}, data_dir, out, SweepConfig(**settings))
+    return out
+
+
+def print_main_table(out: Path, name: str = "main_table.md") -> None:
+    table = out / name
     if table.is_file():
         text = table.read_text().split("\n\n", 2)[-1]
         print(_compact(text))
@@ -162,14 +215,29 @@ class DemoOptions:
     controls: bool = True
     n_tokens: int | None = 16 * 1024  # validation tokens recorded per model (128 sequences of 128)
     max_documents: int | None = None  # of the corpus (tests use fewer plays)
+    overwrite: bool = False  # discard outputs in `out` that other settings produced (otherwise refused)
+
+
+DEMO_OUTPUTS = ("data", "runs", "interpret", "interpret-smollm2", "index.md", "browser", "steer-sweep")
+# The demo's GPT-SAE: the paper's ReLU + L1 kind, sized for seconds on a CPU (SPEC.md 6a's settings are for 1L-3L);
+# 150 steps need a strong L1 to become sparse (1.0: L0 about 66 of 1,024 latents, CE recovered 0.95)
+DEMO_SAE = dict(expansion=4, steps=150, batch_tokens=512, lm_batch=8, seq_len=128, buffer_tokens=8192, lr=1e-3,
+                l1=1.0, warmup_steps=10, resample_at=(75,), dead_window=25, eval_tokens=8192)
 
 
 def demo(opts: DemoOptions) -> dict[str, Path]:
     """Train tiny CRATE and GPT, interpret, report and browse; returns the paths written."""
     import torch
 
+    from crate.provenance import check_owned
+
     t0 = time.perf_counter()
     out = Path(opts.out)
+    check_owned(out, DEMO_OUTPUTS, "another --out")
+    if opts.llm:  # before any training: a missing LLM must not cost the whole run
+        from crate.eval.backends import check_llm
+
+        check_llm("smollm2")
     out.mkdir(parents=True, exist_ok=True)
     _quiet()
     steps = opts.steps or DEMO_STEPS
@@ -177,7 +245,7 @@ def demo(opts: DemoOptions) -> dict[str, Path]:
     _log(f"crate demo: tiny CRATE vs tiny GPT on the embedded Shakespeare corpus, {steps} steps each, "
          f"{torch.get_num_threads()} CPU threads, output in {out}", t0)
 
-    data_dir = prepare_data("embedded", out / "data", "bpe", opts.vocab_size, t0, opts.max_documents)
+    data_dir = prepare_data("embedded", out / "data", "bpe", opts.vocab_size, t0, opts.max_documents, opts.overwrite)
     from crate.train.data import read_manifest
 
     vocab = _padded(read_manifest(data_dir)["vocab_size"])
@@ -196,15 +264,24 @@ def demo(opts: DemoOptions) -> dict[str, Path]:
     for arch, over in (("crate", crate_over), ("gpt", gpt_over)):
         model = {"arch": arch, "preset": opts.preset, **over}
         finals[arch] = train_model(f"{arch}-{opts.preset}", model, data, train, out / "runs" / f"{arch}-{opts.preset}", t0,
-                                   system={"devices": 1, "wandb": "off", "progress_bar": False})
+                                   system={"devices": 1, "wandb": "off", "progress_bar": False},
+                                   overwrite=opts.overwrite)
 
-    common = dict(neurons=n_neurons, seq_len=opts.block_size, n_tokens=opts.n_tokens, seed=opts.seed, batch_size=32)
+    common = dict(neurons=n_neurons, seq_len=opts.block_size, n_tokens=opts.n_tokens, seed=opts.seed, batch_size=32,
+                  overwrite=opts.overwrite)
     interp = out / "interpret"
-    for arch in ARCHS:
-        interpret_model(arch, finals[arch], data_dir, interp / arch, "tar", t0, explainer="stats", simulator="stats", **common)
+    systems: dict[str, Any] = dict(finals)
+    if importlib.util.find_spec("sae_lens"):
+        systems["gpt-sae"] = train_saes(finals["gpt"], data_dir, t0, opts.overwrite, seed=opts.seed, **DEMO_SAE)
+    else:
+        _log('GPT-SAE skipped: SAELens is not installed (pip install -e ".[sae]")', t0)
+    for arch, ckpt in systems.items():
+        interpret_model(arch, ckpt, data_dir, interp / arch, "tar", t0, explainer="stats", simulator="stats", **common)
         if opts.controls:
-            interpret_model(f"{arch} (random init)", finals[arch], data_dir, interp / f"{arch}-control", "tar", t0,
+            interpret_model(f"{arch} (random init)", ckpt, data_dir, interp / f"{arch}-control", "tar", t0,
                             explainer="stats", simulator="stats", control=True, **common)
+    steering_sweep(systems, data_dir, out / "steer-sweep", t0, units=8, sequences=8, seq_len=opts.block_size,
+                   seed=opts.seed)
     if opts.llm:
         llm_common = {**common, "neurons": min(n_neurons, DEMO_LLM_NEURONS)}
         for arch in ARCHS:
@@ -214,7 +291,8 @@ def demo(opts: DemoOptions) -> dict[str, Path]:
     from crate.eval.report import write_report
 
     _log("report: tables and plots", t0)
-    index = write_report([out / "runs", interp] + ([out / "interpret-smollm2"] if opts.llm else []), out, seed=opts.seed)
+    index = write_report([out / "runs", interp, out / "steer-sweep"] + ([out / "interpret-smollm2"] if opts.llm else []),
+                         out, seed=opts.seed, owned=True)
     paths = {"report": index.resolve()}
     if opts.browser:
         from crate.eval.browser import write_browser
@@ -223,6 +301,7 @@ def demo(opts: DemoOptions) -> dict[str, Path]:
         paths["browser"] = write_browser([interp] + ([out / "interpret-smollm2"] if opts.llm else []), out / "browser").resolve()
     print()
     print_main_table(out)
+    print_main_table(out, "gpt_sae.md")
     print()
     _log(f"done in {time.perf_counter() - t0:.0f}s", t0)
     print(f"report:         {paths['report']}")
@@ -282,6 +361,8 @@ class ReproduceOptions:
     dry_run: bool = False
     seed: int = 0
     llm_options: dict[str, Any] | None = None  # None: 4-bit for hf: models on a GPU (the paper's), else none
+    overwrite: bool = False  # discard outputs of other inputs (otherwise refused)
+    sae_steps: int | None = None  # GPT-SAE optimiser steps at 1L-3L (None: SAETrainConfig's 120,000)
 
 
 def _llm_options(opts: ReproduceOptions) -> dict[str, Any]:
@@ -297,26 +378,13 @@ def _source(source: str) -> str:
     return PILE if source == "pile" else source
 
 
-def reproduce(opts: ReproduceOptions) -> Path:
-    """Prepare, train, record, score and report every size in `opts.sizes` for CRATE and GPT."""
-    t0 = time.perf_counter()
-    out = Path(opts.out)
-    source = _source(opts.source)
-    slug = source.split("/")[-1].replace(":", "-")
-    data_dir = out / "data" / f"{slug}-{opts.tokenizer}"
-    plan = _plan(opts, data_dir)
-    _log(f"crate reproduce: sizes {', '.join(opts.sizes)}; data {source}; explainer {opts.explainer}; "
-         f"simulator {opts.simulator}; protocols {', '.join(opts.protocols)}; output {out}", t0)
-    for step, done in plan:
-        print(f"  [{'done' if done else 'todo'}] {step}")
-    if opts.dry_run:
-        return out
-    data_dir = prepare_data(source, data_dir, opts.tokenizer, 512, t0)
-    from crate.train.config import apply_overrides
+def _recipes(opts: ReproduceOptions, data_dir: Path, source: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """The training recipe of every (size, arch), overrides applied and every key checked (RunConfig)."""
+    from crate.train.config import RunConfig, apply_overrides
 
+    recipes = {}
     for size in opts.sizes:
         for arch in ARCHS:
-            name = f"{arch}-{size}"
             train = dict(PAPER_TRAIN)
             if opts.max_steps:
                 train.update(max_steps=opts.max_steps, lr_decay_steps=opts.max_steps,
@@ -325,18 +393,86 @@ def reproduce(opts: ReproduceOptions) -> Path:
             raw = apply_overrides({"model": {"arch": arch, "preset": size, "vocab_size": None},
                                    "data": {"path": str(data_dir), "source": source, "tokenizer": opts.tokenizer},
                                    "train": train}, opts.train_overrides)
+            RunConfig.from_dict({"name": f"{arch}-{size}", **raw})
+            recipes[(size, arch)] = raw
+    return recipes
+
+
+def preflight(opts: ReproduceOptions, data_dir: Path, source: str) -> list[str]:
+    """Every problem of the whole plan that can be found before step 1 (recipes, protocols, source, explainer and
+    simulator: names, packages, files in the local cache, keys, endpoints), as messages; [] when there is none."""
+    from crate.eval.backends import check_llm
+    from crate.eval.protocols import get_protocol
+
+    problems: list[str] = []
+
+    def check(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except CrateError as e:
+            problems.append(f"{what}: {e}")
+
+    check("recipes", _recipes, opts, data_dir, source)
+    for p in opts.protocols:
+        check(f"protocol {p!r}", get_protocol, PROTOCOL_NAMES.get(p, p))
+    checked: set[str] = set()
+    for role, spec in (("explainer", opts.explainer), ("simulator", opts.simulator)):
+        if spec not in checked:
+            checked.add(spec)
+            check(f"{role} {spec}", check_llm, spec, **_llm_options(opts))
+    if source not in ("embedded",) and not source.startswith("hf:") and not Path(source).exists():
+        problems.append(f"source {source!r}: no such file or folder (use 'pile', 'embedded', hf:<dataset> or a path)")
+    if source.startswith("hf:") and importlib.util.find_spec("datasets") is None:
+        problems.append(f"source {source}: streaming a Hugging Face dataset needs the datasets package")
+    return problems
+
+
+def reproduce(opts: ReproduceOptions) -> Path:
+    """Prepare, train, record, score and report every size in `opts.sizes` for CRATE and GPT. The whole plan is
+    checked first (`preflight`); `dry_run` prints it with its problems and the state of each step."""
+    t0 = time.perf_counter()
+    out = Path(opts.out)
+    source = _source(opts.source)
+    slug = source.split("/")[-1].replace(":", "-")
+    data_dir = out / "data" / f"{slug}-{opts.tokenizer}"
+    _log(f"crate reproduce: sizes {', '.join(opts.sizes)}; data {source}; explainer {opts.explainer}; "
+         f"simulator {opts.simulator}; protocols {', '.join(opts.protocols)}; output {out}", t0)
+    problems = preflight(opts, data_dir, source)
+    if not problems:
+        for step, state in _plan(opts, data_dir, _recipes(opts, data_dir, source)):
+            print(f"  [{state}] {step}")
+    if problems:
+        raise PipelineError("the plan cannot run; nothing was done:\n  - " + "\n  - ".join(problems))
+    if opts.dry_run:
+        return out
+    recipes = _recipes(opts, data_dir, source)
+    data_dir = prepare_data(source, data_dir, opts.tokenizer, 512, t0, overwrite=opts.overwrite)
+    for size in opts.sizes:
+        systems: dict[str, str] = {}
+        for arch in ARCHS:
+            name, raw = f"{arch}-{size}", recipes[(size, arch)]
             final = train_model(name, raw["model"], raw["data"], raw["train"], out / "runs" / name, t0, raw.get("system"),
-                                progress=None)
+                                progress=None, overwrite=opts.overwrite)
+            systems[arch] = str(final)
+        if size in SAE_SIZES:  # the paper's GPT-SAE, with its settings (SAETrainConfig's defaults)
+            steps = {"steps": opts.sae_steps} if opts.sae_steps else {}
+            systems["gpt-sae"] = train_saes(Path(systems["gpt"]), data_dir, t0, opts.overwrite, seed=opts.seed, **steps)
+        for arch, ckpt in systems.items():
             for protocol in opts.protocols:
                 common = dict(explainer=opts.explainer, simulator=opts.simulator, neurons=opts.neurons, seed=opts.seed,
-                              llm_options=_llm_options(opts))
-                interpret_model(name, final, data_dir, out / "interpret" / size / arch, PROTOCOL_NAMES.get(protocol, protocol), t0, **common)
+                              llm_options=_llm_options(opts), overwrite=opts.overwrite)
+                interpret_model(f"{arch}-{size}", ckpt, data_dir, out / "interpret" / size / arch,
+                                PROTOCOL_NAMES.get(protocol, protocol), t0, **common)
                 if opts.random_init:
-                    interpret_model(f"{name} (random init)", final, data_dir, out / "interpret" / size / f"{arch}-control",
-                                    PROTOCOL_NAMES.get(protocol, protocol), t0, control=True, **common)
+                    interpret_model(f"{arch}-{size} (random init)", ckpt, data_dir,
+                                    out / "interpret" / size / f"{arch}-control", PROTOCOL_NAMES.get(protocol, protocol),
+                                    t0, control=True, **common)
+        if size in SAE_SIZES:
+            steering_sweep(systems, data_dir, out / "steer-sweep" / size, t0, seed=opts.seed)
     from crate.eval.report import write_report
 
-    index = write_report([out / "runs", out / "interpret"], out / "report", seed=opts.seed)
+    sweeps = [out / "steer-sweep"] if (out / "steer-sweep").is_dir() else []
+    index = write_report([out / "runs", out / "interpret", *sweeps], out / "report", seed=opts.seed)
     from crate.eval.browser import write_browser
 
     browser = write_browser([out / "interpret"], out / "browser")
@@ -345,16 +481,32 @@ def reproduce(opts: ReproduceOptions) -> Path:
     return index
 
 
-def _plan(opts: ReproduceOptions, data_dir: Path) -> list[tuple[str, bool]]:
+def _plan(opts: ReproduceOptions, data_dir: Path, recipes: dict[tuple[str, str], dict[str, Any]]) -> list[tuple[str, str]]:
+    """(step, state): done / todo / resumable / stale (other inputs: refused when run) for each step."""
+    from crate.provenance import differences, read_stamp
+
     out = Path(opts.out)
-    steps = [(f"prepare {_source(opts.source)} -> {data_dir}", (data_dir / "manifest.json").is_file())]
+    steps = [(f"prepare {_source(opts.source)} -> {data_dir}", "done" if (data_dir / "manifest.json").is_file() else "todo")]
     for size in opts.sizes:
         for arch in ARCHS:
             run = out / "runs" / f"{arch}-{size}"
-            steps.append((f"train {arch}-{size} -> {run}", (run / "final" / "config.json").is_file()))
+            stamp = read_stamp(run)
+            recipe = {k: recipes[(size, arch)][k] for k in ("model", "data", "train")}
+            if stamp is None:
+                state = "todo" if not run.exists() else "stale"
+            elif differences((stamp.get("identity") or {}).get("recipe"), recipe):
+                state = "stale (other recipe: refused unless --overwrite)"
+            else:
+                state = "done" if (run / "final" / "config.json").is_file() else "resumable"
+            steps.append((f"train {arch}-{size} -> {run}", state))
             for p in opts.protocols:
                 target = out / "interpret" / size / arch
+                scored = read_stamp(target / "scores" / PROTOCOL_NAMES.get(p, p)) is not None
                 steps.append((f"record + explain + simulate + score {arch}-{size} ({p}) -> {target}",
-                              (target / f".done-{PROTOCOL_NAMES.get(p, p)}").is_file()))
-    steps.append((f"report -> {out / 'report'}, browser -> {out / 'browser'}", False))
+                              "scored before: reused where its provenance matches" if scored else "todo"))
+        if size in SAE_SIZES:
+            steps.append((f"sae train gpt-{size} (every layer) -> {out / 'runs' / f'gpt-{size}' / 'sae'}; interpret "
+                          f"gpt-sae -> {out / 'interpret' / size / 'gpt-sae'}; steering sweep -> "
+                          f"{out / 'steer-sweep' / size}", "reused where its provenance matches, else todo"))
+    steps.append((f"report -> {out / 'report'}, browser -> {out / 'browser'}", "todo"))
     return steps

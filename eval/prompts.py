@@ -4,13 +4,17 @@ A prompt for reading probabilities is a list of text pieces: the LLM's next-toke
 the end of every piece but the last (a "slot"). The simulator's prompt puts one slot after each token of a
 record ("<token>\\t" then the slot), with the placeholder "unknown" after it, so one forward pass gives the
 distribution over "0".."10" at every token (OpenAI's "all at once").
+
+Every prompt puts what one explanation's prompts share first (the few-shot preamble, the explanation, the
+question) and the record last, so that a backend computes that prefix once for all of them (crate.eval.backends
+`HFLLM.slot_probs`; vLLM's automatic prefix caching).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-PROMPT_VERSION = "crate-interp-prompts-v1"
+PROMPT_VERSION = "crate-interp-prompts-v2"  # v2: detection and fuzzing ask before the text
 DIGITS = [str(v) for v in range(11)]
 YES_NO = [" Yes", " No"]
 
@@ -72,10 +76,27 @@ def explain_prompt(records: Sequence[tuple[Sequence[str], Sequence[int]]]) -> st
 def parse_explanation(completion: str) -> str:
     """The first sentence of the completion, without the trailing period."""
     text = completion.strip().split("\n")[0].strip()
-    for stop in (". ", "<end>", "Neuron "):
+    for stop in _STOPS:
         if stop in text:
             text = text.split(stop)[0]
     return text.strip().rstrip(".").strip()
+
+
+_STOPS = (". ", "<end>", "Neuron ")
+
+
+def explanation_complete(completion: str) -> bool:
+    """Whether `parse_explanation` of anything that continues `completion` is already fixed: its first line (after
+    leading blanks) has ended, or holds one of the markers the explanation is cut at with more than blanks after
+    it (a line's trailing blanks are stripped before the markers are looked for). Generation can stop there."""
+    text = completion.lstrip()
+    if "\n" in text:
+        return True
+    for stop in _STOPS:
+        j = text.find(stop)
+        if j >= 0 and text[j + len(stop):].strip():
+            return True
+    return False
 
 
 def simulate_pieces(explanation: str, tokens: Sequence[str]) -> list[str]:
@@ -93,27 +114,30 @@ def simulate_pieces(explanation: str, tokens: Sequence[str]) -> list[str]:
 
 
 def detection_prompt(explanation: str, tokens: Sequence[str]) -> list[str]:
-    """Does this text contain what the explanation describes? One slot where " Yes" or " No" comes."""
+    """Does this text contain what the explanation describes? One slot where " Yes" or " No" comes. The question
+    comes before the text, so that one explanation's prompts share everything up to the text (prefix caching)."""
     text = "".join(tokens).replace("\n", " ")
     return [
         "A neuron in a language model fires on: " + explanation.strip() + ".\n"
-        f"Text: \"{text}\"\nDoes the neuron fire somewhere in this text? Answer Yes or No.\nAnswer:",
+        "Does the neuron fire somewhere in the text below? Answer Yes or No.\n"
+        f"Text: \"{text}\"\nAnswer:",
         "",
     ]
 
 
 def fuzzing_prompt(explanation: str, tokens: Sequence[str], marked: Sequence[bool]) -> list[str]:
-    """Are the <<marked>> tokens the ones the explanation describes? One slot for " Yes" / " No"."""
+    """Are the <<marked>> tokens the ones the explanation describes? One slot for " Yes" / " No"; the question
+    before the text, as in `detection_prompt`."""
     text = "".join(f"<<{t}>>" if m else t for t, m in zip(tokens, marked)).replace("\n", " ")
     return [
         "A neuron in a language model fires on: " + explanation.strip() + ".\n"
-        f"Text with tokens marked <<like this>>: \"{text}\"\n"
-        "Are the marked tokens the ones this neuron fires on? Answer Yes or No.\nAnswer:",
+        "Are the tokens marked <<like this>> in the text below the ones this neuron fires on? Answer Yes or No.\n"
+        f"Text: \"{text}\"\nAnswer:",
         "",
     ]
 
 
 __all__ = [
-    "PROMPT_VERSION", "DIGITS", "YES_NO", "normalise", "explain_prompt", "parse_explanation", "simulate_pieces",
-    "detection_prompt", "fuzzing_prompt", "show_token",
+    "PROMPT_VERSION", "DIGITS", "YES_NO", "normalise", "explain_prompt", "parse_explanation", "explanation_complete",
+    "simulate_pieces", "detection_prompt", "fuzzing_prompt", "show_token",
 ]

@@ -1,9 +1,16 @@
 """The data model, after OpenAI's automated-interpretability: plain dataclasses serialised to JSON.
 
 Field names and `dataclass_name` tags equal `neuron_explainer`'s (`NeuronId`, `ActivationRecord`,
-`NeuronRecord`, `ScoredSimulation`, ...), so a record we write loads there with
-`neuron_explainer.fast_dataclasses.loads` and vice versa. Our extras (positions, higher moments) live in
-the binary cache beside the JSON, never as extra JSON keys (their loader rejects unknown fields).
+`NeuronRecord`), so a record we write loads there with
+`neuron_explainer.fast_dataclasses.loads` and vice versa: that loader passes every JSON key to the dataclass
+constructor, so one extra key makes the whole file unreadable. Our extras (positions, activation frequency,
+selectivity) live in the binary cache beside the JSON, never as JSON keys.
+
+A NeuronRecord's moments are over every recorded token (all positions of the recorded stream): `mean`,
+`variance` (population: divided by n), `skewness` (m3 / m2^1.5) and `kurtosis` (excess: m4 / m2^2 - 3, 0 for
+a normal distribution), with m_k the central moments divided by n; null when undefined (a constant neuron).
+neuron_explainer declares these fields (default NaN) but does not compute them, so its code fixes no convention;
+ours is scipy.stats' default (`bias=True`, `fisher=True`).
 """
 
 from __future__ import annotations
@@ -45,7 +52,9 @@ class NeuronRecord:
     random_sample_by_quantile: list[list[ActivationRecord]] | None = None
     quantile_boundaries: list[float] | None = None
     mean: float | None = math.nan
-    stdev: float | None = math.nan
+    variance: float | None = math.nan
+    skewness: float | None = math.nan
+    kurtosis: float | None = math.nan
     most_positive_activation_records: list[ActivationRecord] = field(default_factory=list)
 
     @property
@@ -54,39 +63,7 @@ class NeuronRecord:
         return max(acts) if acts else 0.0
 
 
-@_register
-@dataclass
-class ActivationScale:  # neuron_explainer's is an enum; we store its value string
-    value: str = "neuron_activations"
-
-
-@_register
-@dataclass
-class SequenceSimulation:
-    tokens: list[str]
-    expected_activations: list[float]
-    activation_scale: str = "neuron_activations"
-    distribution_values: list[list[float]] = field(default_factory=list)
-    distribution_probabilities: list[list[float]] = field(default_factory=list)
-
-
-@_register
-@dataclass
-class ScoredSequenceSimulation:
-    simulation: SequenceSimulation
-    true_activations: list[float]
-    ev_correlation_score: float
-    rsquared_score: float | None = None
-    absolute_dev_explained_score: float | None = None
-
-
-@_register
-@dataclass
-class ScoredSimulation:
-    scored_sequence_simulations: list[ScoredSequenceSimulation]
-    ev_correlation_score: float | None = None
-    rsquared_score: float | None = None
-    absolute_dev_explained_score: float | None = None
+MOMENTS = ("mean", "variance", "skewness", "kurtosis")  # NeuronRecord's statistics: JSON null <-> NaN
 
 
 def to_dict(obj: Any) -> Any:
@@ -121,7 +98,7 @@ def from_dict(d: Any) -> Any:
     if name in _REGISTRY:
         cls = _REGISTRY[name]
         if cls is NeuronRecord:
-            for key in ("mean", "stdev"):
+            for key in MOMENTS:
                 if values.get(key) is None:
                     values[key] = math.nan
         return cls(**values)
@@ -154,7 +131,6 @@ def record_path(records_dir: str | Path, layer: int | str, neuron: int) -> Path:
 
 
 __all__ = [
-    "NeuronId", "ActivationRecord", "NeuronRecord", "SequenceSimulation", "ScoredSequenceSimulation",
-    "ScoredSimulation", "to_dict", "from_dict", "dumps", "loads", "save_neuron_record", "load_neuron_record",
-    "record_path",
+    "NeuronId", "ActivationRecord", "NeuronRecord", "to_dict", "from_dict", "dumps", "loads", "save_neuron_record",
+    "load_neuron_record", "record_path",
 ]

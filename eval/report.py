@@ -67,7 +67,15 @@ PAPER_VAL_LOSS: dict[str, tuple[float, float]] = {  # preset -> (CRATE, GPT), re
 PAPER_SHAPES = {  # preset -> (n_layer, n_head, n_embd) (crate.config.PAPER_SIZES, repeated to keep this module light)
     "1L": (1, 4, 128), "2L": (2, 4, 128), "3L": (3, 4, 128), "S": (6, 12, 768), "B": (12, 12, 768),
 }
-ARCH_ORDER = ("crate", "gpt")
+ARCH_ORDER = ("crate", "gpt", "gpt-sae")
+PAPER_ARCHS = ("crate", "gpt")  # the order of PAPER_SCORES' pairs
+# GPT-SAE per-layer scores (x100, layer 0 first) that the paper plots (SPEC.md 6a; Random-only and some others are
+# read off a figure, +-0.1)
+PAPER_SAE_LAYERS: dict[tuple[str, str], tuple[float, ...]] = {
+    ("1L", "TaR"): (5.5,), ("2L", "TaR"): (7.6, 3.5), ("3L", "TaR"): (9.4, 4.9, 3.5),
+    ("1L", "Random-only"): (2.5,), ("2L", "Random-only"): (2.6, 1.9), ("3L", "Random-only"): (2.8, 2.4, 1.8),
+    ("1L", "short-context"): (15.4,), ("2L", "short-context"): (21.7, 10.7), ("3L", "short-context"): (25.5, 15.1, 10.1),
+}
 N_BOOT = 2000
 
 
@@ -144,6 +152,28 @@ def read_scores(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def check_one_provenance(scores_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Every score line of a protocol folder must come from the same inputs (and match the folder's stamp):
+    results of different provenance are never averaged together."""
+    from crate.provenance import describe, differences, digest, read_stamp
+
+    def key(row: dict[str, Any]) -> str:
+        prov = row.get("provenance") or {}
+        return prov.get("key") or "unkeyed:" + digest({k: v for k, v in prov.items() if k != "config"})
+
+    by_key: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        by_key.setdefault(key(row), row.get("provenance") or {})
+    stamp = read_stamp(scores_dir)
+    if stamp and by_key and set(by_key) != {stamp.get("key")}:
+        by_key.setdefault(str(stamp.get("key")), {"stamp": stamp.get("identity")})
+    if len(by_key) > 1:
+        a, b = list(by_key.values())[:2]
+        raise ReportError(
+            f"{scores_dir} mixes scores of {len(by_key)} different provenances ({describe(differences(a, b), 4)}): "
+            f"they are never averaged together. Re-run `crate interpret` into a new --out folder, or with --overwrite")
+
+
 def score_value(row: dict[str, Any]) -> float:
     v = row.get("score")
     if v is None and row.get("score_x100") is not None:
@@ -195,7 +225,7 @@ def _guess_arch(*texts: str) -> str:
         if "crate" in t:
             return "crate"
         if "gpt" in t:
-            return "gpt"
+            return "gpt-sae" if "sae" in t else "gpt"
     return "unknown"
 
 
@@ -208,9 +238,15 @@ def load_model_result(path: Path) -> ModelResult:
         config = {}
     metadata = {**(provenance.get("metadata") or {}), **(entry.get("metadata") or {})}
     checkpoint = entry.get("checkpoint") or entry.get("path")
+    if checkpoint and entry.get("sae"):  # "CKPT+SAE,...": the size is the checkpoint's
+        from crate.eval.sae import split_sae_spec
+
+        checkpoint = split_sae_spec(checkpoint)[0]
     if checkpoint and "size" not in metadata and "preset" not in metadata:
         metadata.update(_run_config(Path(checkpoint).parent)[1])  # <run>/final -> <run>/config.yaml's preset
     arch = entry.get("arch") or config.get("arch") or _guess_arch(path.name, str(checkpoint or ""))
+    if entry.get("sae") and not str(arch).endswith("-sae"):  # SAE latents scored as neurons (crate.eval.sae)
+        arch = f"{arch}-sae"
     random_init = bool(
         entry.get("random_init") or entry.get("control_random_init") or provenance.get("random_init")
         or entry.get("init") == "random"
@@ -223,6 +259,7 @@ def load_model_result(path: Path) -> ModelResult:
     for pdir in sorted(p for p in (path / "scores").iterdir() if p.is_dir()):
         protocol = canonical_protocol(pdir.name)
         layers = {f.stem: read_scores(f) for f in sorted(pdir.glob("*.jsonl"))}
+        check_one_provenance(pdir, [row for rows in layers.values() for row in rows])
         if layers:
             result.scores[protocol] = dict(sorted(layers.items(), key=lambda kv: layer_sort_key(kv[0])))
     summary = _read_json(path / "summary.json") or {}
@@ -404,7 +441,8 @@ def _run_dir(csv_file: Path, root: Path) -> Path:
         d = d.parent
 
 
-REPORT_CSVS = {"main_table.csv", "layers.csv", "measures.csv", "controls.csv", "val_loss.csv"}
+REPORT_CSVS = {"main_table.csv", "layers.csv", "measures.csv", "controls.csv", "val_loss.csv", "gpt_sae.csv",
+               "sae_metrics.csv"}
 RUN_CONFIGS = ("config.yaml", "config.yml", "resolved_config.yaml", "config.json")
 
 
@@ -422,7 +460,7 @@ class LayerStat:
 @dataclass
 class Aggregate:
     mean: float  # x100, mean over the layers used of the per-layer means
-    var: float  # population variance of the per-layer means, x100 units
+    var: float  # population variance of the x100 per-layer means: (x100)^2 units, the paper's convention
     lo: float
     hi: float
     layers_used: list[str]
@@ -573,7 +611,9 @@ MAIN_COLUMNS = [
 def main_table(results: list[ModelResult], seed: int = 0, n_boot: int = N_BOOT) -> Table:
     rows = []
     for (size, protocol, scorer), by_arch in _groups(results).items():
-        aggs = {arch: aggregate(r, protocol, seed, n_boot) for arch, r in by_arch.items()}
+        aggs = {arch: aggregate(r, protocol, seed, n_boot) for arch, r in by_arch.items() if arch != "gpt-sae"}
+        if not aggs:
+            continue
         c, g = aggs.get("crate"), aggs.get("gpt")
         row: dict[str, Any] = {"size": size, "protocol": protocol, "scorer": scorer}
         if c:
@@ -595,7 +635,8 @@ def main_table(results: list[ModelResult], seed: int = 0, n_boot: int = N_BOOT) 
         rows.append(row)
     note = (
         "Scores are Pearson correlations x100: the mean over layers of the per-layer mean over neurons; `var` is "
-        "the population variance of the per-layer means (x100 units). 95% CIs: percentile bootstrap over neurons "
+        "the population variance of the x100 per-layer means, in (x100)^2 units as in the paper (layer means 7.8 "
+        "and 8.3 give 0.06). 95% CIs: percentile bootstrap over neurons "
         f"({n_boot} resamples, seed {seed}); CRATE-GPT resamples the same neurons in both models when both scored "
         "the same neuron indices (paired), else each independently. The last layer of 6- and 12-layer models (only "
         "those) is excluded, as in the paper. `paper` columns: Bai & Ma (arXiv 2410.16443), "
@@ -603,6 +644,82 @@ def main_table(results: list[ModelResult], seed: int = 0, n_boot: int = N_BOOT) 
         "size is not one of the paper's."
     )
     return Table("Neuron interpretability scores: ours beside the paper's", MAIN_COLUMNS, rows, note)
+
+
+SAE_COLUMNS = ["size", "protocol", "scorer", "GPT-SAE", "GPT-SAE 95% CI", "GPT-SAE var", "GPT-SAE layers",
+               "paper GPT-SAE", "paper GPT-SAE layers", "GPT-SAE-GPT", "GPT-SAE-GPT 95% CI", "CRATE-GPT-SAE",
+               "CRATE-GPT-SAE 95% CI", "control GPT-SAE", "neurons"]
+
+
+def sae_table(results: list[ModelResult], seed: int = 0, n_boot: int = N_BOOT) -> Table:
+    """The paper's third system: GPT-SAE latents scored as neurons, beside the paper's numbers, GPT and CRATE
+    (paired differences as in the main table) and its random-init control."""
+    controls = {(r.size, p, r.scorer): r for r in results if r.random_init and r.arch == "gpt-sae" for p in r.scores}
+    rows = []
+    for (size, protocol, scorer), by_arch in _groups(results).items():
+        if "gpt-sae" not in by_arch:
+            continue
+        sae = by_arch["gpt-sae"]
+        a = aggregate(sae, protocol, seed, n_boot)
+        row: dict[str, Any] = {"size": size, "protocol": protocol, "scorer": scorer, "GPT-SAE": a.mean,
+                               "GPT-SAE 95% CI": fmt_ci(a.lo, a.hi), "GPT-SAE var": a.var, "neurons": a.n_neurons,
+                               "GPT-SAE layers": ", ".join(f"{s.mean:.2f}" for s in a.layers)}
+        paper = PAPER_SAE_LAYERS.get((paper_row(size) or "", protocol))
+        if paper:
+            row["paper GPT-SAE"], row["paper GPT-SAE layers"] = float(np.mean(paper)), ", ".join(f"{v:g}" for v in paper)
+        for other, col in (("gpt", "GPT-SAE-GPT"), ("crate", "CRATE-GPT-SAE")):
+            if other in by_arch and a.layers_used:
+                pair = (sae, by_arch[other]) if other == "gpt" else (by_arch[other], sae)
+                d = difference(*pair, protocol, seed, n_boot)
+                row.update({col: d["difference"], f"{col} 95% CI": fmt_ci(*d["ci95"])})
+        if (size, protocol, scorer) in controls:
+            row["control GPT-SAE"] = aggregate(controls[(size, protocol, scorer)], protocol, seed, n_boot).mean
+        rows.append(row)
+    note = ("GPT-SAE: a sparse autoencoder on the GPT's MLP neurons (`crate sae train`), its latents scored as "
+            "neurons (dead latents left out); means x100 over layers as in the main table. `paper GPT-SAE`: the "
+            "per-layer scores the paper plots (SPEC.md 6a; Random-only and some others read off a figure, +-0.1) "
+            "and their mean. Differences: paired bootstrap over neurons when both scored the same indices.")
+    return Table("GPT-SAE, the paper's third system", SAE_COLUMNS, rows, note)
+
+
+def sae_metrics_table(paths: list[str | Path]) -> Table:
+    """Every SAE folder (SAELens's cfg.json beside our metrics.json) under `paths`, with its metrics."""
+    rows = []
+    folders = sorted({f.parent for p in paths for f in Path(p).rglob("metrics.json") if (f.parent / "cfg.json").is_file()})
+    for folder in folders:
+        m = _read_json(folder / "metrics.json")
+        ce = m.get("ce_loss") or {}
+        rows.append({"SAE": str(folder), "hook": m.get("hook"), "kind": m.get("architecture"), "d_sae": m.get("d_sae"),
+                     "L0": m.get("l0"), "dead": m.get("dead_fraction"), "dense": m.get("dense_fraction"),
+                     "explained var": m.get("explained_variance"), "cosine": m.get("cosine_similarity"),
+                     "CE clean": ce.get("clean"), "CE SAE": ce.get("sae"),
+                     "CE recovered vs zero": m.get("ce_recovered_vs_zero"),
+                     "CE recovered vs mean": m.get("ce_recovered_vs_mean"), "tokens": m.get("n_tokens")})
+    cols = ["SAE", "hook", "kind", "d_sae", "L0", "dead", "dense", "explained var", "cosine", "CE clean", "CE SAE",
+            "CE recovered vs zero", "CE recovered vs mean", "tokens"]
+    rule = next((_read_json(f / "metrics.json").get("dead_rule") for f in folders), "")
+    return Table("SAE metrics", cols, rows,
+                 "On validation tokens. L0: active latents per token; dead: " + (rule or "15 per 2M tokens, scaled")
+                 + "; dense: active on more than 10% of tokens; explained variance about the mean; CE recovered: "
+                 "(CE ablated - CE with the reconstruction spliced in) / (CE ablated - CE clean), zero- and "
+                 "mean-ablation.")
+
+
+def steering_section(paths: list[str | Path], out: Path) -> list[str]:
+    """The steering measurement (`crate steer --sweep`): its table and plot, copied into the report."""
+    import shutil
+
+    from crate.eval.steer_sweep import RESULT, sweep_markdown
+
+    lines: list[str] = []
+    for i, f in enumerate(sorted({f for p in paths for f in Path(p).rglob(RESULT)})):
+        result = _read_json(f)
+        png = f.parent / "steer_sweep.png"
+        lines += [f"From `{f.parent}`:", "", sweep_markdown(result)]
+        if png.is_file():
+            shutil.copyfile(png, out / f"steer_sweep_{i}.png")
+            lines += [f"![steering: effect against cost](steer_sweep_{i}.png)", ""]
+    return lines
 
 
 def _arch_key(arch: str) -> tuple[int, str]:
@@ -684,7 +801,7 @@ def val_loss_table(runs: list[TrainRun]) -> Table:
     rows = []
     for run in sorted(runs, key=lambda r: (_size_key(r.size), _arch_key(r.arch), r.name)):
         paper = PAPER_VAL_LOSS.get(run.size)
-        paper_value = (paper[0] if run.arch == "crate" else paper[1]) if paper and run.arch in ARCH_ORDER else None
+        paper_value = (paper[0] if run.arch == "crate" else paper[1]) if paper and run.arch in PAPER_ARCHS else None
         rows.append({"run": run.name, "arch": run.arch, "size": run.size, "steps": int(run.steps[-1]),
                      "final val loss": run.final, "best val loss": min(run.val_loss), "paper val loss": paper_value})
     return Table("Validation loss", ["run", "arch", "size", "steps", "final val loss", "best val loss", "paper val loss"],
@@ -692,7 +809,7 @@ def val_loss_table(runs: list[TrainRun]) -> Table:
 
 
 # --- plots -----------------------------------------------------------------------------------------------
-COLORS = {"crate": "tab:blue", "gpt": "tab:orange"}
+COLORS = {"crate": "tab:blue", "gpt": "tab:orange", "gpt-sae": "tab:green"}
 
 
 def _plt():
@@ -718,8 +835,8 @@ def plot_layer_scores(by_arch: dict[str, ModelResult], size: str, protocol: str,
                     label=f"{arch.upper()} (mean {agg.mean:.2f})")
         ax.set_xticks(np.arange(len(xs)), xs)
         key = (paper_row(size) or "", protocol)
-        if key in PAPER_SCORES and arch in ARCH_ORDER:
-            ax.axhline(PAPER_SCORES[key][ARCH_ORDER.index(arch)], color=COLORS.get(arch), ls="--", lw=1,
+        if key in PAPER_SCORES and arch in PAPER_ARCHS:
+            ax.axhline(PAPER_SCORES[key][PAPER_ARCHS.index(arch)], color=COLORS.get(arch), ls="--", lw=1,
                        label=f"paper {arch.upper()} mean")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("layer")
@@ -740,7 +857,7 @@ def plot_val_loss(runs: list[TrainRun], path: Path) -> Path:
                 color=COLORS.get(run.arch), alpha=0.9, label=f"{run.name} ({run.arch}, {run.size})")
         paper = PAPER_VAL_LOSS.get(run.size)
         if paper and run.arch in ARCH_ORDER:
-            ax.axhline(paper[ARCH_ORDER.index(run.arch)], color=COLORS.get(run.arch), ls="--", lw=1)
+            ax.axhline(paper[PAPER_ARCHS.index(run.arch)], color=COLORS.get(run.arch), ls="--", lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")
     ax.set_title("Validation loss (dashed: the paper's final values)")
@@ -756,8 +873,10 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-") or "x"
 
 
-def write_report(paths: list[str | Path], out: str | Path, seed: int = 0, n_boot: int = N_BOOT) -> Path:
-    """Write every table and plot for the results and runs found under `paths` into `out`; returns index.md."""
+def write_report(paths: list[str | Path], out: str | Path, seed: int = 0, n_boot: int = N_BOOT,
+                 owned: bool = False) -> Path:
+    """Write every table and plot for the results and runs found under `paths` into `out`; returns index.md.
+    `out` must be new, empty or an earlier report (`owned`: a pipeline's own folder, checked by its caller)."""
     results, runs = discover(paths)
     if not results and not runs:
         raise ReportError(
@@ -766,6 +885,10 @@ def write_report(paths: list[str | Path], out: str | Path, seed: int = 0, n_boot
             f"run `crate interpret` / `crate train` first, or point at their output folders"
         )
     out = Path(out)
+    if not owned:
+        from crate.provenance import check_owned
+
+        check_owned(out, ("index.md", *REPORT_CSVS), "another --out")
     out.mkdir(parents=True, exist_ok=True)
     index = ["# crate-lm reproduction report", ""]
     index.append(f"Inputs: {len(results)} interpretability result(s), {len(runs)} training run(s).")
@@ -796,6 +919,21 @@ def write_report(paths: list[str | Path], out: str | Path, seed: int = 0, n_boot
         if controls.rows:
             index += [controls.to_markdown()]
         index += ["Files: [controls.md](controls.md), [controls.csv](controls.csv), [controls.tex](controls.tex)", ""]
+        sae = sae_table(results, seed, n_boot)
+        if sae.rows:
+            sae.write(out, "gpt_sae")
+            index += ["## GPT-SAE (the paper's third system)", "", sae.note, "", sae.to_markdown(),
+                      "Files: [gpt_sae.md](gpt_sae.md), [gpt_sae.csv](gpt_sae.csv), [gpt_sae.tex](gpt_sae.tex)", ""]
+    sae_m = sae_metrics_table(paths)
+    if sae_m.rows:
+        sae_m.write(out, "sae_metrics")
+        index += ["## SAE metrics", "", sae_m.note, "", sae_m.to_markdown(), ""]
+    steering = steering_section(paths, out)
+    if steering:
+        index += ["## Steering, measured", "", "Intended effect: the mean log-probability rise of each unit's top "
+                  "output tokens (chosen on half the sequences, measured on the other half); collateral: KL of the "
+                  "next-token distribution over the other tokens, and the loss rise where the next token is not one "
+                  "of them; means over units with bootstrap 95% intervals (crate.eval.steer_sweep).", "", *steering]
     if runs:
         vt = val_loss_table(runs)
         vt.write(out, "val_loss")

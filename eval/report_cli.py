@@ -5,6 +5,7 @@
     crate report RUNS... [--out report]                                  tables (md, csv, tex) and plots
     crate browse RESULTS... [--out browser] [--serve]                    static neuron browser
     crate steer --checkpoint DIR --layer L --neuron I --value V --prompt "1,2,3,4,5"
+    crate steer --sweep -c crate=DIR gpt=DIR gpt-sae=DIR+SAE --data DIR [--out steer-sweep]   steering, measured
 
 Heavy imports (torch, matplotlib, the pipeline) stay inside the handlers so that `crate --help` is instant.
 """
@@ -35,15 +36,41 @@ def cmd_browse(args: argparse.Namespace) -> int:
 
 def cmd_steer(args: argparse.Namespace) -> int:
     from crate.checkpoint import load
+    from crate.errors import CrateError
     from crate.eval.steer import find_tokenizer, parse_prompt, render, steer, zero_check
 
+    if args.sweep:
+        return cmd_steer_sweep(args)
+    missing = [f"--{k}" for k in ("layer", "neuron", "value", "prompt") if getattr(args, k) is None]
+    if missing or len(args.checkpoint) != 1:
+        raise CrateError(f"crate steer needs one --checkpoint and {', '.join(missing) or 'its unit'} "
+                         f"(or --sweep --data DIR for the steering measurement)")
+    from crate.eval.sae import attach_saes, split_sae_spec
+
+    args.checkpoint, saes = split_sae_spec(args.checkpoint[0])  # DIR+SAE: steer a latent through the decoder
     model = load(args.checkpoint)
+    if saes:
+        model = attach_saes(model, saes)
     tokenizer = find_tokenizer(args.checkpoint, args.data)
     ids = parse_prompt(args.prompt, tokenizer)
     result = steer(model, ids, args.layer, args.neuron, args.value, k=args.k)
     check = None if args.no_zero_check else zero_check(model, ids, args.layer, args.neuron)
     render(result, check, tokenizer)
     return 0 if check is None or check.neuron is None or check.ok else 1
+
+
+def cmd_steer_sweep(args: argparse.Namespace) -> int:
+    from crate.errors import CrateError
+    from crate.eval.steer_sweep import SweepConfig, checkpoint_names, parse_multiples, sweep_files, sweep_markdown
+
+    if not args.data:
+        raise CrateError("crate steer --sweep needs --data DIR: the held-out text the clamps are measured on")
+    cfg = SweepConfig(units=args.units, multiples=parse_multiples(args.multiples), sequences=args.sequences,
+                      seq_len=args.seq_len, top_tokens=args.top_tokens, seed=args.seed)
+    result = sweep_files(checkpoint_names(args.checkpoint), args.data, args.out, cfg, split=args.split)
+    print(sweep_markdown(result))
+    print(f"wrote {args.out}/ (steer_sweep.json, steer_sweep.md, steer_sweep.png)")
+    return 0
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -54,6 +81,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         out=Path(args.out), sizes=sizes, source=args.source, tokenizer=args.tokenizer, explainer=args.explainer,
         simulator=args.simulator, protocols=args.protocols.split(","), neurons=args.neurons, max_steps=args.steps,
         train_overrides=args.set or [], random_init=args.random_init, dry_run=args.dry_run, seed=args.seed,
+        overwrite=args.overwrite, sae_steps=args.sae_steps,
     )
     reproduce(opts)
     return 0
@@ -63,7 +91,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from crate.eval.pipeline import DemoOptions, demo
 
     opts = DemoOptions(out=Path(args.out), steps=args.steps, neurons=args.neurons, llm=args.llm, seed=args.seed,
-                       browser=not args.no_browser, controls=not args.no_controls, max_documents=args.documents)
+                       browser=not args.no_browser, controls=not args.no_controls, max_documents=args.documents,
+                       overwrite=args.overwrite)
     if args.tokens:
         opts.n_tokens = args.tokens
     demo(opts)
@@ -87,12 +116,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_browse)
 
-    p = sub.add_parser("steer", help="clamp one neuron at every position; top next tokens before and after")
-    p.add_argument("--checkpoint", required=True, help="our checkpoint directory or an authors' .pt file")
-    p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--neuron", type=int, required=True)
-    p.add_argument("--value", type=float, required=True, help="the constant written into the neuron")
-    p.add_argument("--prompt", required=True, help='token ids ("1,2,3,4,5") or text (needs a tokenizer: --data)')
+    p = sub.add_parser("steer", help="clamp one neuron at every position; top next tokens before and after "
+                       "(--sweep: the steering measurement over sampled units and clamp values)")
+    p.add_argument("--checkpoint", "-c", nargs="+", required=True,
+                   help="our checkpoint directory or an authors' .pt file; with --sweep several NAME=DIR[+SAE]")
+    p.add_argument("--layer", type=int)
+    p.add_argument("--neuron", type=int)
+    p.add_argument("--value", type=float, help="the constant written into the neuron")
+    p.add_argument("--prompt", help='token ids ("1,2,3,4,5") or text (needs a tokenizer: --data)')
+    p.add_argument("--sweep", action="store_true", help="measure intended effect and collateral cost (needs --data)")
+    p.add_argument("--out", default="steer-sweep", help="--sweep: output folder (default steer-sweep)")
+    p.add_argument("--units", type=int, default=16, help="--sweep: units sampled per layer")
+    p.add_argument("--multiples", default="0,1,2,4,8", help="--sweep: clamp values, x each unit's max activation")
+    p.add_argument("--sequences", type=int, default=16, help="--sweep: held-out sequences (half pick tokens)")
+    p.add_argument("--seq-len", type=int, default=128, help="--sweep: tokens per sequence")
+    p.add_argument("--top-tokens", type=int, default=5, help="--sweep: a unit's intended tokens")
+    p.add_argument("--split", default="val", help="--sweep: the data split")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="a prepared data directory whose tokenizer.json decodes tokens and encodes text")
     p.add_argument("-k", type=int, default=10, help="top tokens shown")
     p.add_argument("--no-zero-check", action="store_true", help="skip the check that 0 on an inactive unit changes nothing")
@@ -113,9 +153,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--neurons", type=int, default=None, help="neurons sampled per layer (default: all, as the paper)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, 600000)")
     p.add_argument("--random-init", action="store_true", help="also score random-initialised controls")
+    p.add_argument("--sae-steps", type=int, default=None, help="GPT-SAE steps at 1L-3L (default 120000)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="training override, e.g. train.batch_size=96")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dry-run", action="store_true", help="print the steps and whether each is done, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the whole plan and print its steps and whether each is done; run nothing")
+    p.add_argument("--overwrite", action="store_true", help="discard outputs of other inputs (otherwise refused)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("demo", help="tiny CRATE vs tiny GPT on the embedded corpus: train, interpret, report, browse")
@@ -128,4 +171,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--documents", type=int, default=None, help="use only the first N plays of the corpus (quick runs)")
     p.add_argument("--no-controls", action="store_true", help="skip the random-init controls")
     p.add_argument("--no-browser", action="store_true", help="skip the neuron browser")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard what --out holds from other settings (otherwise such a rerun is refused)")
     p.set_defaults(func=cmd_demo)

@@ -5,6 +5,9 @@
     Simulator.detect(explanation, token_lists) -> list[float]             P(the text activates the neuron)
     Simulator.fuzz(explanation, token_lists, marks) -> list[float]        P(the marked tokens are the right ones)
 
+Optionally `call_many([(method, args), ...]) -> results`: many neurons' calls at once, so that an LLM backend batches
+across neurons (crate.eval.interpret's batched schedule; objects without it are called one call at a time).
+
 Implementations: `LLMExplainer` / `LLMSimulator` on any `crate.eval.backends.LLM`, and the deterministic,
 LLM-free `StatsExplainer` / `StatsSimulator` (token statistics), fast enough for CI and sweeps.
 """
@@ -21,8 +24,8 @@ import numpy as np
 
 from crate.eval.activations import Window
 from crate.eval.prompts import (
-    DIGITS, PROMPT_VERSION, YES_NO, detection_prompt, explain_prompt, fuzzing_prompt, normalise, parse_explanation,
-    simulate_pieces,
+    DIGITS, PROMPT_VERSION, YES_NO, detection_prompt, explain_prompt, explanation_complete, fuzzing_prompt, normalise,
+    parse_explanation, simulate_pieces,
 )
 from crate.eval.scoring import expected_value
 
@@ -51,16 +54,32 @@ def max_activation(records: Sequence[Window]) -> float:
 
 
 class LLMExplainer:
-    def __init__(self, llm: Any, max_new_tokens: int = 60, temperature: float = 1.0):
+    """`stop_early`: stop generating once the explanation (the completion's first sentence) is complete; the
+    explanation is the same as without (in-process; a server generates the whole completion anyway)."""
+
+    def __init__(self, llm: Any, max_new_tokens: int = 60, temperature: float = 1.0, stop_early: bool = True):
         self.llm, self.max_new_tokens, self.temperature = llm, max_new_tokens, temperature
+        self.stop_early = stop_early
         self.identity = {"kind": "llm", **llm.identity, "max_new_tokens": max_new_tokens,
                          "temperature": temperature, "prompt_version": PROMPT_VERSION}
 
     def explain(self, records: Sequence[Window], seed: int = 0) -> str:
-        m = max_activation(records)
-        prompt = explain_prompt([(r.tokens, normalise(r.activations, m)) for r in records])
-        text = self.llm.generate(prompt, max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=seed)
-        return parse_explanation(text) or "(empty explanation)"
+        return self.call_many([("explain", (records, seed))])[0]
+
+    def call_many(self, requests: Sequence[tuple[str, tuple]]) -> list[str]:
+        """Many neurons' `explain(records, seed)` calls at once (each keeps its seed): see `generate_many`."""
+        from crate.eval.backends import generate_many
+
+        prompts = [_explain_prompt(records) for _, (records, _seed) in requests]
+        texts = generate_many(self.llm, prompts, [seed for _, (_r, seed) in requests],
+                              max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                              until=explanation_complete if self.stop_early else None)
+        return [parse_explanation(t) or "(empty explanation)" for t in texts]
+
+
+def _explain_prompt(records: Sequence[Window]) -> str:
+    m = max_activation(records)
+    return explain_prompt([(r.tokens, normalise(r.activations, m)) for r in records])
 
 
 class LLMSimulator:
@@ -70,18 +89,41 @@ class LLMSimulator:
         self.values = [float(v) for v in DIGITS]
 
     def simulate(self, explanation: str, token_lists: Sequence[Sequence[str]]) -> list[list[float]]:
-        probs = self.llm.slot_probs([simulate_pieces(explanation, t) for t in token_lists], DIGITS)
-        return [[expected_value(row, self.values) for row in p] for p in probs]
-
-    def _yes(self, prompts: list[list[str]]) -> list[float]:
-        probs = self.llm.slot_probs(prompts, YES_NO)
-        return [float(p[0, 0] / (p[0].sum())) if p[0].sum() > 0 else 0.5 for p in probs]
+        return self.call_many([("simulate", (explanation, token_lists))])[0]
 
     def detect(self, explanation: str, token_lists: Sequence[Sequence[str]]) -> list[float]:
-        return self._yes([detection_prompt(explanation, t) for t in token_lists])
+        return self.call_many([("detect", (explanation, token_lists))])[0]
 
     def fuzz(self, explanation: str, token_lists: Sequence[Sequence[str]], marks: Sequence[Sequence[bool]]) -> list[float]:
-        return self._yes([fuzzing_prompt(explanation, t, m) for t, m in zip(token_lists, marks)])
+        return self.call_many([("fuzz", (explanation, token_lists, marks))])[0]
+
+    def call_many(self, requests: Sequence[tuple[str, tuple]]) -> list[Any]:
+        """Many (method, args) calls of simulate / detect / fuzz, of many neurons, in one `slot_probs` call (over
+        the digits and Yes / No at once: each candidate's probability is the same whatever the others), so that
+        the backend batches, and shares prefixes, across neurons and kinds of prompt."""
+        prompts: list[list[str]] = []
+        spans = []
+        for method, args in requests:
+            if method == "simulate":
+                new = [simulate_pieces(args[0], t) for t in args[1]]
+            elif method == "detect":
+                new = [detection_prompt(args[0], t) for t in args[1]]
+            elif method == "fuzz":
+                new = [fuzzing_prompt(args[0], t, m) for t, m in zip(args[1], args[2])]
+            else:
+                raise ValueError(f"a simulator has no method {method!r}")
+            spans.append((method, len(prompts), len(new)))
+            prompts += new
+        probs = self.llm.slot_probs(prompts, DIGITS + YES_NO) if prompts else []
+        out = []
+        for method, start, n in spans:
+            part = probs[start : start + n]
+            if method == "simulate":
+                out.append([[expected_value(row[: len(DIGITS)], self.values) for row in p] for p in part])
+            else:
+                yes_no = [p[0, len(DIGITS):] for p in part]
+                out.append([float(p[0] / p.sum()) if p.sum() > 0 else 0.5 for p in yes_no])
+        return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -96,10 +138,9 @@ def _key(token: str) -> str:
 class StatsExplainer:
     """The explanation lists the token types with the highest mean normalised activation in the records, as JSON."""
 
-    identity = {"kind": "stats", "version": 1}
-
     def __init__(self, top: int = 8, min_mean: float = 1.0):
         self.top, self.min_mean = top, min_mean
+        self.identity = {"kind": "stats", "version": 1, "top": top, "min_mean": min_mean}
 
     def explain(self, records: Sequence[Window], seed: int = 0) -> str:
         m = max_activation(records)

@@ -61,9 +61,10 @@ class ZeroCheck:
 
 
 def parse_prompt(prompt: str, tokenizer: Any | None = None) -> list[int]:
-    """"1,2,3,4,5" (token ids, commas or spaces) as is; other text through the tokenizer."""
+    """"1,2,3,4,5" (token ids, commas or spaces) as is; other text through the tokenizer. Negative ids are kept
+    as ids, so that the range check names them rather than the tokenizer turning "-1" into text."""
     text = prompt.strip()
-    if re.fullmatch(r"\d+([\s,]+\d+)*", text):
+    if re.fullmatch(r"-?\d+([\s,]+-?\d+)*", text):
         return [int(t) for t in re.split(r"[\s,]+", text)]
     if tokenizer is None:
         raise SteerError(
@@ -82,6 +83,12 @@ def find_tokenizer(checkpoint: str | Path | None, data: str | Path | None = None
 
     candidates = []
     if data:
+        if checkpoint and Path(checkpoint).is_dir() and (Path(data) / "manifest.json").is_file():
+            from crate.checkpoint import read_info
+            from crate.provenance import check_tokenizers
+            from crate.train.data import read_manifest
+
+            check_tokenizers(read_info(checkpoint).get("tokenizer"), read_manifest(data), str(checkpoint), str(data))
         candidates.append(Path(data) / "tokenizer.json")
     if checkpoint:
         ck = Path(checkpoint)
@@ -105,11 +112,22 @@ def find_tokenizer(checkpoint: str | Path | None, data: str | Path | None = None
     return None
 
 
+def check_unit(model: torch.nn.Module, layer: int, neuron: int | None = None) -> None:
+    """A SteerError naming the valid range when `layer` or `neuron` does not exist (before any forward pass)."""
+    n_layer, n = model.config.n_layer, model.n_neurons
+    if not 0 <= layer < n_layer:
+        raise SteerError(f"layer {layer} does not exist: this {n_layer}-layer model has layers 0..{n_layer - 1}")
+    if neuron is not None and not 0 <= neuron < n:
+        raise SteerError(f"neuron {neuron} does not exist: layer {layer} has {n} neurons, 0..{n - 1}")
+
+
 def _ids_tensor(model: torch.nn.Module, ids: list[int]) -> Tensor:
     V, T = model.config.vocab_size, model.config.block_size
+    if not ids:
+        raise SteerError("the prompt has no tokens: give at least one token id, e.g. \"1,2,3\"")
     bad = [i for i in ids if not 0 <= i < V]
     if bad:
-        raise SteerError(f"token ids {bad[:5]} are outside the model's vocabulary [0, {V})")
+        raise SteerError(f"token ids {bad[:5]} are outside the model's vocabulary: valid ids are 0..{V - 1}")
     if len(ids) > T:
         ids = ids[-T:]
     return torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
@@ -118,6 +136,9 @@ def _ids_tensor(model: torch.nn.Module, ids: list[int]) -> Tensor:
 @torch.no_grad()
 def steer(model: torch.nn.Module, ids: list[int], layer: int, neuron: int, value: float, k: int = 10) -> SteerResult:
     """Top-k next tokens (after the last prompt token) before and after clamping `neuron` of `layer` to `value`."""
+    check_unit(model, layer, neuron)
+    if k < 1:
+        raise SteerError(f"k={k}: the number of top tokens shown must be at least 1")
     model.eval()
     idx = _ids_tensor(model, ids)
     hook = model.neuron_hook(layer)
@@ -140,6 +161,7 @@ def steer(model: torch.nn.Module, ids: list[int], layer: int, neuron: int, value
 def zero_check(model: torch.nn.Module, ids: list[int], layer: int, neuron: int | None = None) -> ZeroCheck:
     """Clamp to 0 a unit that is 0 at every prompt position (`neuron` if it is, else the first such unit):
     the logits must not change at all."""
+    check_unit(model, layer, neuron)
     model.eval()
     idx = _ids_tensor(model, ids)
     hook = model.neuron_hook(layer)

@@ -273,7 +273,17 @@ def test_one_neuron_end_to_end_with_embedded_smollm2(tmp_path):
     assert isinstance(res["explanation"], str) and res["explanation"]
     assert len(res["expected_activations"]) == 2 and all(len(e) == len(text) for e in res["expected_activations"])
     assert all(0 <= v <= 10 for e in res["expected_activations"] for v in e)
-    assert -1 <= res["score"] <= 1
+    # E = sum_v v p(v) with p the LLM's probabilities of "0".."10" at each token's slot, renormalised over them
+    probs = llm.slot_probs([simulate_pieces(res["explanation"], r) for r in res["tokens"]], DIGITS)  # cached
+    for p, e in zip(probs, res["expected_activations"]):
+        mass = p.sum(1)
+        assert (mass > 0).all() and (mass < 0.999).all()  # other tokens have mass too: renormalising matters
+        np.testing.assert_allclose(e, (p / mass[:, None]) @ np.arange(11.0), rtol=1e-9, atol=1e-12)
+    # the score: Pearson's r pooled over every token of both records, by hand in float64
+    from test_scoring_interp import pearson
+
+    assert res["true_activations"] == [[5.0 if t == " cat" else 0.0 for t in text], [0.0] * len(text)]
+    assert res["score"] == pytest.approx(pearson(res["true_activations"], res["expected_activations"]), rel=1e-9)
     misses = llm.misses
     res2 = score_neuron(w, proto, LLMExplainer(llm, max_new_tokens=8), LLMSimulator(llm), seed=0, extra_scores=False)
     assert res2["score"] == res["score"] and llm.misses == misses  # repeated: all from the cache

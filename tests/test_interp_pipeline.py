@@ -2,7 +2,6 @@
 
 import json
 import math
-import random
 
 import numpy as np
 import pytest
@@ -13,6 +12,10 @@ from crate import build_model
 from crate.eval.interpret import InterpretConfig, run_compare, run_interpret
 from crate.eval.records import load_neuron_record
 from crate.eval.scoring import pooled_correlation
+from conftest import prepare_tiny
+from test_scoring_interp import (
+    aggregate_interval_reference, as_layers, difference_interval_reference, mean_of_layer_means,
+)
 
 T = 32
 
@@ -81,17 +84,19 @@ def test_short_protocol_and_random_init_control(tmp_path):
         assert not torch.equal(w0, model.transformer.h[0].mlp.c_fc.weight)
 
 
+def _layer_scores(result) -> dict[str, dict[int, float]]:
+    """{layer: {neuron: score (NaN when unscored)}} from a result's TaR score files."""
+    out = {}
+    for f in (result / "scores" / "tar").glob("*.jsonl"):
+        lines = [json.loads(x) for x in f.read_text().splitlines()]
+        out[f.stem] = {x["neuron"]: math.nan if x["score"] is None else x["score"] for x in lines}
+    return out
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from crate.train.data import prepare
-
     root = tmp_path_factory.mktemp("interp")
-    rng = random.Random(0)
-    words = "the cat sat on a mat and the dog ran to the red house while birds sang in old trees".split()
-    paras = ["\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(8)) for _ in range(150)]
-    (root / "a.txt").write_text("\n\n".join(paras))
-    data = prepare(str(root / "a.txt"), root / "data", tokenizer="bpe", vocab_size=300, val_fraction=0.3,
-                   piece_chars=600, progress=False)
+    data = prepare_tiny(root)
     ckpts = {}
     for arch in ("crate", "gpt"):
         torch.manual_seed(0)
@@ -106,10 +111,15 @@ def test_run_compare_pairs_crate_and_gpt(prepared, tmp_path):
                     controls=True)
     c = s["comparison"]["crate - gpt"]
     assert set(s["controls"]) == {"crate", "gpt"} and (tmp_path / "gpt-control" / "summary.json").exists()
+    # the summary's numbers, recomputed from the score files with independent bootstraps (n_boot 200, seed 0)
+    layers = {arch: as_layers(_layer_scores(tmp_path / arch)) for arch in ("crate", "gpt")}
     agg = s["models"]["crate"]["aggregate"]
-    assert agg["ci95"][0] <= agg["mean"] <= agg["ci95"][1]
-    a, b = s["models"]["crate"]["aggregate"]["mean"], s["models"]["gpt"]["aggregate"]["mean"]
-    assert c["paired"] and c["difference"] == pytest.approx(a - b)
+    assert agg["mean"] == pytest.approx(mean_of_layer_means(layers["crate"]), rel=1e-12)
+    assert agg["ci95"] == pytest.approx(aggregate_interval_reference(layers["crate"], 200, 0), rel=1e-12)
+    assert c["paired"] and c["difference"] == pytest.approx(
+        mean_of_layer_means(layers["crate"]) - mean_of_layer_means(layers["gpt"]), rel=1e-12)
+    want = difference_interval_reference(layers["crate"], layers["gpt"], 200, 0, paired=True)
+    assert c["ci95"] == pytest.approx(want, rel=1e-12)
     assert (tmp_path / "crate" / "scores" / "tar" / "0.jsonl").exists()
     rc = np.load(tmp_path / "crate" / "records" / "0" / "cache.npz")["rand_pos"]
     rg = np.load(tmp_path / "gpt" / "records" / "0" / "cache.npz")["rand_pos"]

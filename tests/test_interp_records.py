@@ -1,6 +1,8 @@
 """Activation recording against brute force on a small activation tensor; records in neuron_explainer's format."""
 
+import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -17,6 +19,17 @@ from crate.eval.records import (
 
 T, NSEQ = 32, 20
 
+# neuron_explainer's fields, copied from openai/automated-interpretability,
+# neuron-explainer/neuron_explainer/activations/activations.py (commit 0f08c3d2): ActivationRecord, NeuronId,
+# NeuronRecord, in declaration order. Each also has `dataclass_name` (fast_dataclasses.FastDataclass: a field with
+# init=False that `loads` strips before calling the constructor with every other key).
+OPENAI_FIELDS = {
+    "ActivationRecord": ["tokens", "activations"],
+    "NeuronId": ["layer_index", "neuron_index"],
+    "NeuronRecord": ["neuron_id", "random_sample", "random_sample_by_quantile", "quantile_boundaries",
+                     "mean", "variance", "skewness", "kurtosis", "most_positive_activation_records"],
+}
+
 
 def _brute(model, stream, layer=0):
     ids = torch.from_numpy(stream[: NSEQ * T].astype(np.int64)).view(NSEQ, T)
@@ -28,6 +41,9 @@ def _brute(model, stream, layer=0):
 def setup(request):
     torch.manual_seed(1)
     model = build_model(request.param, "micro").eval()
+    with torch.no_grad():  # neuron 1 never fires: a constant neuron (its skewness and kurtosis are undefined)
+        block = model.transformer.h[0]
+        (block.ista.weight if request.param == "crate" else block.mlp.c_fc.weight)[1] = 0.0
     rng = np.random.default_rng(0)
     stream = rng.integers(0, model.config.vocab_size, size=NSEQ * T + 7).astype(np.uint16)
     spec = RecordingSpec(seq_len=T, window=8, top_k=6, n_random=5, n_bins=4, per_bin=3, seed=3, batch_size=3,
@@ -48,8 +64,8 @@ def test_topk_moments_and_windows_match_brute_force(setup):
     c = A - A.mean(0)
     m2, m3, m4 = (c**2).mean(0), (c**3).mean(0), (c**4).mean(0)
     ok = m2 > 1e-10
-    np.testing.assert_allclose(rec.skew[ok], (m3 / m2**1.5)[ok], rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(rec.kurt[ok], (m4 / m2**2 - 3)[ok], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(rec.skew[ok], m3[ok] / m2[ok] ** 1.5, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(rec.kurt[ok], m4[ok] / m2[ok] ** 2 - 3, rtol=1e-3, atol=1e-3)
     np.testing.assert_array_equal(rec.active_count, (A > 0).sum(0))
     assert rec.l0_sum == pytest.approx((A > 0).sum())
     # windows: activations of the window around each top position, clipped to its sequence
@@ -139,8 +155,7 @@ def test_neuron_record_json_roundtrip_in_neuron_explainer_format(setup, tmp_path
     assert len(nr.random_sample) == 5 and len(nr.random_sample_by_quantile) == 4
     raw = json.loads(record_path(tmp_path, 0, 3).read_text())
     assert raw["dataclass_name"] == "NeuronRecord" and raw["neuron_id"]["dataclass_name"] == "NeuronId"
-    assert set(raw) == {"dataclass_name", "neuron_id", "random_sample", "random_sample_by_quantile",
-                        "quantile_boundaries", "mean", "stdev", "most_positive_activation_records"}
+    assert set(raw) == {"dataclass_name", *OPENAI_FIELDS["NeuronRecord"]}
     assert raw["random_sample"][0]["dataclass_name"] == "ActivationRecord"
     assert set(raw["random_sample"][0]) == {"dataclass_name", "tokens", "activations"}
     assert loads(json.dumps(to_dict(ActivationRecord(["a"], [1.0])))) == ActivationRecord(["a"], [1.0])
@@ -166,3 +181,61 @@ def test_explanation_free_measures_match_brute_force(setup):
         rnd = np.nanmean(np.clip(rec.rand_win[:, n], 0, None))
         ratios.append(top / rnd if rnd > 0 else np.inf)
     assert m["top_random_ratio_median"] == pytest.approx(float(np.median(ratios)))
+
+
+def openai_loads(text: str):
+    """neuron_explainer.fast_dataclasses.loads, restated: json object_hook -> registered class by dataclass_name,
+    called with every other key as a keyword (an unknown or missing key raises TypeError)."""
+    classes = {name: dataclasses.make_dataclass(name, fields) for name, fields in OPENAI_FIELDS.items()}
+
+    def hook(d):
+        name = d.get("dataclass_name")
+        assert name in classes, f"untagged or unknown object: {sorted(d)}"
+        return classes[name](**{k: v for k, v in d.items() if k != "dataclass_name"})
+
+    return json.loads(text, object_hook=hook)
+
+
+def population_moments(xs: list[float]) -> tuple[float, float, float, float]:
+    """mean, population variance, skewness m3/m2^1.5, excess kurtosis m4/m2^2 - 3; plain float64, no numpy."""
+    n = len(xs)
+    mean = math.fsum(xs) / n
+    m2, m3, m4 = (math.fsum((x - mean) ** k for x in xs) / n for k in (2, 3, 4))
+    return mean, m2, m3 / m2**1.5, m4 / m2**2 - 3.0
+
+
+def test_records_are_field_exact_to_neuron_explainer_and_carry_the_moments(setup, tmp_path):
+    model, stream, rec, A = setup
+    assert [f.name for f in dataclasses.fields(NeuronRecord)] == OPENAI_FIELDS["NeuronRecord"]
+    assert [f.name for f in dataclasses.fields(ActivationRecord)] == OPENAI_FIELDS["ActivationRecord"]
+    assert [f.name for f in dataclasses.fields(NeuronId)] == OPENAI_FIELDS["NeuronId"]
+    strings = [f"t{i}" for i in range(model.config.vocab_size)]
+    write_records({"0": rec}, stream, strings, tmp_path)
+
+    def objects(x):
+        if isinstance(x, dict):
+            yield x
+            for v in x.values():
+                yield from objects(v)
+        elif isinstance(x, list):
+            for v in x:
+                yield from objects(v)
+
+    n_constant = 0
+    for n in range(A.shape[1]):
+        text = record_path(tmp_path, 0, n).read_text()
+        for obj in objects(json.loads(text)):  # a tag on every object, and exactly that class's fields
+            assert set(obj) == {"dataclass_name", *OPENAI_FIELDS[obj["dataclass_name"]]}
+        theirs = openai_loads(text)
+        assert type(theirs).__name__ == "NeuronRecord" and theirs.neuron_id.neuron_index == n
+        assert type(theirs.most_positive_activation_records[0]).__name__ == "ActivationRecord"
+        xs = [float(a) for a in A[:, n]]  # every recorded token (NSEQ * T), float64
+        if max(xs) == min(xs):  # a constant neuron: no skewness or kurtosis (JSON null, NaN in Python)
+            n_constant += 1
+            assert theirs.variance == 0 and theirs.skewness is None and theirs.kurtosis is None
+            assert math.isnan(load_neuron_record(record_path(tmp_path, 0, n)).kurtosis)
+            continue
+        want = population_moments(xs)
+        got = (theirs.mean, theirs.variance, theirs.skewness, theirs.kurtosis)
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-9), n
+    assert n_constant == 1  # neuron 1

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import crate
 from crate.config import PAPER_SIZES, preset_config
@@ -25,8 +26,13 @@ def test_parameter_counts_match_the_paper(arch, preset):
     assert set(PAPER_SIZES) == {p for _, p in PAPER_COUNTS}
 
 
-def crate_forward_float64(sd: dict, idx: torch.Tensor, n_layer: int, n_head: int, eta=0.1, lmbda=0.1, steps=2):
-    """SPEC.md section 1 written out independently, in float64, from the raw state dict."""
+Clamp = tuple[int, int, float]  # (layer, neuron, value): overwrite one neuron at every position, as steering does
+
+
+def crate_forward_float64(sd: dict, idx: torch.Tensor, n_layer: int, n_head: int, eta=0.1, lmbda=0.1, steps=2,
+                          clamp: Clamp | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """SPEC.md section 1 written out independently, in float64, from the raw state dict: (logits, codes a2 of
+    each layer)."""
     sd = {k: v.double() for k, v in sd.items()}
     B, T = idx.shape
     x = sd["transformer.wte.weight"][idx] + sd["transformer.wpe.weight"][:T]
@@ -39,6 +45,7 @@ def crate_forward_float64(sd: dict, idx: torch.Tensor, n_layer: int, n_head: int
         return (z - mu) / torch.sqrt(var + 1e-5) * sd[pre + ".weight"] + sd[pre + ".bias"]
 
     mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    codes = []
     for i in range(n_layer):
         pre = f"transformer.h.{i}."
         w = ln(x, pre + "prenorm_1") @ sd[pre + "attn.c_attn.weight"].T
@@ -57,16 +64,52 @@ def crate_forward_float64(sd: dict, idx: torch.Tensor, n_layer: int, n_head: int
         for _ in range(steps):  # a_{k+1} = relu(a_k - eta D^T (D a_k - v) - eta lambda), from a_0 = 0
             r = torch.einsum("dh,bth->btd", D, a) - v
             a = torch.relu(a - eta * torch.einsum("hd,btd->bth", Dt, r) - eta * lmbda)
+        if clamp is not None and clamp[0] == i:
+            a[..., clamp[1]] = clamp[2]
+        codes.append(a)
         x = torch.einsum("dh,bth->btd", D, a)
     x = ln(x, "transformer.ln_f")
-    return x @ sd["transformer.wte.weight"].T
+    return x @ sd["transformer.wte.weight"].T, codes
+
+
+def gpt_forward_float64(sd: dict, idx: torch.Tensor, n_layer: int, n_head: int, activation: str = "relu",
+                        clamp: Clamp | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """SPEC.md section 2 from the raw state dict with torch.nn.functional, in float64: (logits, MLP hidden units
+    after the activation per layer). Biases are used where the state dict has them (GPT-2), else none (the paper's)."""
+    sd = {k: v.double() for k, v in sd.items()}
+    B, T = idx.shape
+    x = F.embedding(idx, sd["transformer.wte.weight"]) + sd["transformer.wpe.weight"][:T]
+    d = x.shape[-1]
+    p = d // n_head
+    act = F.relu if activation == "relu" else (lambda z: F.gelu(z, approximate="tanh"))
+
+    def ln(z, pre):
+        return F.layer_norm(z, (d,), sd[pre + ".weight"], sd.get(pre + ".bias"), eps=1e-5)
+
+    def linear(z, pre):
+        return F.linear(z, sd[pre + ".weight"], sd.get(pre + ".bias"))
+
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    neurons = []
+    for i in range(n_layer):
+        pre = f"transformer.h.{i}."
+        qkv = linear(ln(x, pre + "ln_1"), pre + "attn.c_attn")
+        q, k, v = (t.view(B, T, n_head, p).transpose(1, 2) for t in qkv.split(d, -1))
+        att = F.softmax((q @ k.transpose(-1, -2) / math.sqrt(p)).masked_fill(~causal, float("-inf")), dim=-1)
+        x = x + linear((att @ v).transpose(1, 2).reshape(B, T, d), pre + "attn.c_proj")
+        h = act(linear(ln(x, pre + "ln_2"), pre + "mlp.c_fc"))
+        if clamp is not None and clamp[0] == i:
+            h[..., clamp[1]] = clamp[2]
+        neurons.append(h)
+        x = x + linear(h, pre + "mlp.c_proj")
+    return F.linear(ln(x, "transformer.ln_f"), sd["transformer.wte.weight"]), neurons
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3])
 def test_crate_forward_matches_float64_spec(steps):
     model = crate.build_model("crate", "tiny", ista_steps=steps, n_layer=3).eval()
     idx = torch.randint(0, model.config.vocab_size, (2, 23))
-    ref = crate_forward_float64(model.state_dict(), idx, 3, model.config.n_head, steps=steps)
+    ref, _ = crate_forward_float64(model.state_dict(), idx, 3, model.config.n_head, steps=steps)
     out = model(idx).double()
     assert out.shape == (2, 23, model.config.vocab_size)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
@@ -139,16 +182,33 @@ def test_hook_points_and_steering():
     torch.testing.assert_close(model(idx), logits)  # hooks removed on exit
 
 
-def test_gpt_neurons_are_the_relu_hidden_units():
-    model = crate.build_model("gpt", "tiny").eval()
-    idx = torch.randint(0, model.config.vocab_size, (1, 8))
-    _, cache = model.run_with_cache(idx, [model.neuron_hook(0)])
-    blk = model.transformer.h[0]
-    with torch.no_grad():
-        x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(8))
-        x = x + blk.attn(blk.ln_1(x))
-        h = torch.relu(blk.ln_2(x) @ blk.mlp.c_fc.weight.T)
-    torch.testing.assert_close(cache[model.neuron_hook(0)], h)
+@pytest.mark.parametrize("extra", [{}, {"activation": "gelu", "bias": True}])
+def test_gpt_matches_float64_spec_and_its_neurons_are_the_hidden_units(extra):
+    model = crate.build_model("gpt", "tiny", **extra).eval()
+    if extra:  # GPT-2's biases are zero at init: make them count
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0.0, 0.1)
+    idx = torch.randint(0, model.config.vocab_size, (2, 19))
+    hooks = [model.neuron_hook(i) for i in range(model.config.n_layer)]
+    logits, cache = model.run_with_cache(idx, hooks)
+    ref, neurons = gpt_forward_float64(model.state_dict(), idx, model.config.n_layer, model.config.n_head,
+                                       activation=model.config.activation)
+    torch.testing.assert_close(logits.double(), ref, rtol=1e-4, atol=1e-4)
+    for hook, h in zip(hooks, neurons):
+        torch.testing.assert_close(cache[hook].double(), h, rtol=1e-4, atol=1e-5)
+
+
+def test_two_ista_steps_by_default():
+    """SPEC.md section 1: two unrolled ISTA steps unless a config says otherwise, and the block runs that many."""
+    assert preset_config("crate", "B").ista_steps == 2 and crate.ModelConfig().ista_steps == 2
+    model = crate.build_model("crate", "micro").eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 17))
+    out = model(idx).double()
+    ref = {s: crate_forward_float64(model.state_dict(), idx, 1, model.config.n_head, steps=s)[0] for s in (1, 2, 3)}
+    torch.testing.assert_close(out, ref[2], rtol=1e-4, atol=1e-5)
+    assert (out - ref[1]).abs().max() > 1e-3 and (out - ref[3]).abs().max() > 1e-3  # the step count shows
 
 
 @pytest.mark.parametrize(

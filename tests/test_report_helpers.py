@@ -29,7 +29,7 @@ def record_json(layer: int, neuron: int, scale: float = 1.0, nasty: bool = False
         "random_sample": [rec(100 + k, 0.0 if k % 2 else 0.1 * scale) for k in range(4)],
         "random_sample_by_quantile": [[rec(200 + b, 0.2 * b * scale)] for b in range(3)],
         "quantile_boundaries": [0.0, 0.2, 0.4, 1.0],
-        "mean": 0.05 * scale, "stdev": 0.1 * scale,
+        "mean": 0.05 * scale, "variance": 0.01 * scale ** 2, "skewness": 1.5, "kurtosis": 2.0,
         "most_positive_activation_records": [rec(k, scale * (10 - k) / 10) for k in range(10)],
     }
 

@@ -13,7 +13,7 @@ from crate.eval.scoring import (
     absolute_dev_explained, balanced_accuracy, expected_value, pooled_correlation, rsquared, score_simulation,
 )
 from crate.eval.simulate import LLMSimulator, StatsExplainer, StatsSimulator
-from crate.eval.stats import bootstrap_ci, compare_models, layer_summary, model_aggregate, sample_neurons
+from crate.eval.stats import aggregate_ci, bootstrap_ci, compare_models, layer_summary, model_aggregate, sample_neurons
 
 
 def test_expected_value_renormalises_over_candidates():
@@ -69,9 +69,12 @@ def test_protocol_splits_follow_the_spec_table():
     w = {"top": top, "random": rnd, "quantile": qs}
     e, s = get_protocol("tar").split(w)
     assert [x.id for x in e] == ["top:0", "top:2", "top:4", "top:6", "top:8"]
-    assert [x.id for x in s] == ["top:1", "top:3", "top:5", "top:7", "top:9"] + [f"random:{i}" for i in (0, 2, 4, 6, 8)]
+    assert [x.id for x in s] == ["top:1", "top:3", "top:5", "top:7", "top:9",
+                                 "random:0", "random:2", "random:4", "random:6", "random:8"]
     e, s = get_protocol("random-only").split(w)
-    assert all(x.id.startswith("random") for x in s) and len(s) == 10
+    assert [x.id for x in e] == ["top:0", "top:2", "top:4", "top:6", "top:8"]
+    assert [x.id for x in s] == ["random:0", "random:1", "random:2", "random:3", "random:4", "random:5", "random:6",
+                                 "random:7", "random:8", "random:9"]
     e, s = get_protocol("short").split(w)
     assert len(e) == 15 + 22 + 5 and len(s) == 10 + 22 + 5 + 10
     assert s[-1].id == "top3:34" and len(s[-1].tokens) == 2  # a 2-token record stays 2 tokens
@@ -127,11 +130,119 @@ def test_llm_simulator_reads_every_slot_of_a_record_in_one_prompt():
     assert got == [[1.0, 5.0, 1.0], [5.0]]
 
 
-def test_statistics_bootstrap_aggregation_and_comparison():
+# Independent percentile bootstraps, written out with crate.eval.stats' seed convention (np.random.default_rng(seed);
+# bootstrap_ci draws one (n_boot, n) index array; the model aggregates draw each layer's indices in layer order, once
+# per resample, and a paired difference uses the same indices for both models). tests/test_demo.py and
+# tests/test_interp_pipeline.py check the written tables against them.
+def quantile(x: list[float], q: float) -> float:
+    """The q-quantile by linear interpolation between order statistics (numpy's default, written out)."""
+    xs = sorted(x)
+    pos = q * (len(xs) - 1)
+    i = int(math.floor(pos))
+    return xs[i] + (pos - i) * (xs[min(i + 1, len(xs) - 1)] - xs[i])
+
+
+def percentile_interval(draws: list[float], level: float = 0.95) -> list[float]:
+    d = [float(v) for v in draws if math.isfinite(v)]
+    return [quantile(d, (1 - level) / 2), quantile(d, (1 + level) / 2)]
+
+
+def bootstrap_reference(v: np.ndarray, n_boot: int, seed: int, level: float = 0.95) -> list[float]:
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))
+    return percentile_interval([sum(v[i] for i in row) / len(row) for row in idx], level)
+
+
+def mean_of_layer_means(layers: list[np.ndarray]) -> float:
+    """The paper's model score: the mean over layers of the mean of each layer's finite (scored) neurons."""
+    means = [x[np.isfinite(x)].mean() for x in layers if np.isfinite(x).any()]
+    return sum(means) / len(means) if means else math.nan
+
+
+def _draw(layers: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    return [rng.integers(0, len(x), size=len(x)) for x in layers]
+
+
+def aggregate_interval_reference(layers: list[np.ndarray], n_boot: int, seed: int, level: float = 0.95) -> list[float]:
+    """layers: each layer's neuron scores in neuron order (NaN: unscored, resampled then dropped)."""
+    rng = np.random.default_rng(seed)
+    return percentile_interval([mean_of_layer_means([x[i] for x, i in zip(layers, _draw(layers, rng))])
+                                for _ in range(n_boot)], level)
+
+
+def difference_interval_reference(a: list[np.ndarray], b: list[np.ndarray], n_boot: int, seed: int, paired: bool,
+                                  level: float = 0.95) -> list[float]:
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        ia = _draw(a, rng)
+        ib = ia if paired else _draw(b, rng)
+        draws.append(mean_of_layer_means([x[i] for x, i in zip(a, ia)])
+                     - mean_of_layer_means([x[i] for x, i in zip(b, ib)]))
+    return percentile_interval(draws, level)
+
+
+def pearson(true: list[list[float]], expected: list[list[float]]) -> float:
+    """Pearson's r over every token of every record, by hand in float64; NaN when a side is constant."""
+    t = [float(v) for r in true for v in r]
+    e = [float(v) for r in expected for v in r]
+    mt, me = math.fsum(t) / len(t), math.fsum(e) / len(e)
+    stt, see = math.fsum((a - mt) ** 2 for a in t), math.fsum((b - me) ** 2 for b in e)
+    if stt == 0 or see == 0:
+        return math.nan
+    return math.fsum((a - mt) * (b - me) for a, b in zip(t, e)) / math.sqrt(stt * see)
+
+
+def as_layers(scores: dict) -> list[np.ndarray]:
+    """{layer: {neuron: score}} -> each layer's scores in neuron order, layers in order."""
+    return [np.asarray([scores[k][n] for n in sorted(scores[k])], dtype=np.float64) for k in sorted(scores, key=int)]
+
+
+def test_bootstrap_ci_is_a_95_percent_percentile_bootstrap():
     v = np.random.default_rng(0).normal(1.0, 1.0, size=400)
-    lo, hi = bootstrap_ci(v, seed=0)
+    lo, hi = bootstrap_ci(v, n_boot=500, seed=3)
+    assert [lo, hi] == pytest.approx(bootstrap_reference(v, 500, 3), rel=1e-12)
+    assert lo != pytest.approx(bootstrap_reference(v, 500, 3, level=0.90)[0], rel=1e-3)  # a 90% interval would not pass
+    # known answer on large n: the normal-theory interval mean +- 1.96 se, to the bootstrap's Monte Carlo error
+    lo, hi = bootstrap_ci(v, n_boot=20000, seed=0)
     se = v.std(ddof=1) / math.sqrt(len(v))
-    assert lo < v.mean() < hi and (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.15)
+    assert (hi - lo) / (2 * 1.96 * se) == pytest.approx(1.0, abs=0.05)  # 90%: 0.84, 99%: 1.31
+    assert (lo + hi) / 2 == pytest.approx(v.mean(), abs=0.05 * se)
+
+
+def _two_layer_pair() -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """Two models scored on the same neurons of two layers, b close to a (strongly paired): {layer: {neuron: score}}."""
+    rng = np.random.default_rng(1)
+    a0, a1 = rng.normal(0.3, 1.0, 400), rng.normal(0.1, 0.5, 300)
+    d0, d1 = rng.normal(0.2, 0.3, 400), rng.normal(0.1, 0.8, 300)
+    a = {"0": dict(enumerate(a0)), "1": dict(enumerate(a1))}
+    b = {"0": dict(enumerate(a0 - d0)), "1": dict(enumerate(a1 - d1))}
+    return a, b, d0, d1
+
+
+def test_paired_comparison_interval_is_a_95_percent_paired_bootstrap():
+    a, b, d0, d1 = _two_layer_pair()
+    small = [{k: {n: v[n] for n in range(40)} for k, v in x.items()} for x in (a, b)]
+    c = compare_models(*small, 2, 2, n_boot=300, seed=5)
+    ref = [difference_interval_reference(*map(as_layers, small), 300, 5, paired=True, level=lv) for lv in (0.95, 0.9)]
+    assert c["paired"] and c["ci95"] == pytest.approx(ref[0], rel=1e-12)
+    assert c["ci95"][0] != pytest.approx(ref[1][0], rel=1e-3)  # a 90% interval would not pass
+    assert aggregate_ci(small[0], ["0", "1"], n_boot=300, seed=5) == pytest.approx(
+        aggregate_interval_reference(as_layers(small[0]), 300, 5), rel=1e-12)
+    # known answer: the mean over the 2 layers of the mean paired differences, se from the per-neuron differences
+    c = compare_models(a, b, 2, 2, n_boot=4000, seed=0)
+    assert c["difference"] == pytest.approx((d0.mean() + d1.mean()) / 2, rel=1e-12)
+    se = 0.5 * math.sqrt(d0.var(ddof=1) / len(d0) + d1.var(ddof=1) / len(d1))
+    lo, hi = c["ci95"]
+    assert (hi - lo) / (2 * 1.96 * se) == pytest.approx(1.0, abs=0.05)  # unpaired resampling: 1.9x as wide
+    # the model aggregate's interval (the report's CRATE / GPT columns): independent resampling per layer
+    a0, a1 = (np.asarray(list(a[k].values())) for k in ("0", "1"))
+    lo, hi = aggregate_ci(a, ["0", "1"], n_boot=4000, seed=0)
+    se = 0.5 * math.sqrt(a0.var(ddof=1) / len(a0) + a1.var(ddof=1) / len(a1))
+    assert (hi - lo) / (2 * 1.96 * se) == pytest.approx(1.0, abs=0.05)
+
+
+def test_statistics_aggregation_and_comparison():
+    v = np.random.default_rng(0).normal(1.0, 1.0, size=400)
     s = layer_summary(list(v[:100]) + [float("nan")], n_total=101)
     assert s["n"] == 100 and s["n_nan"] == 1 and s["ci95_fpc"] == [s["mean"], s["mean"]]
     part = layer_summary(list(v[:100]), n_total=400)
@@ -145,6 +256,8 @@ def test_statistics_bootstrap_aggregation_and_comparison():
     b = {"0": {0: 0.0, 1: 1.0}, "1": {0: 1.0, 1: 1.0}}
     c = compare_models(a, b, 2, 2)
     assert c["difference"] == pytest.approx(2.0 - 0.75) and c["paired"]
-    assert c["ci95"][0] <= c["difference"] <= c["ci95"][1]
+    # paired differences: layer 0 [1, 2], layer 1 [1, 1]; resampled, (mean of layer 0's + 1) / 2 is 1, 1.25 or 1.5
+    # with probabilities 1/4, 1/2, 1/4, so both 2.5% tails sit on the extremes (unpaired resampling gives [0.5, 2.0])
+    assert c["ci95"] == [1.0, 1.5]
     assert sample_neurons(100, 10, 0) == sample_neurons(100, 10, 0) != sample_neurons(100, 10, 1)
     assert sample_neurons(100, None, 0) == list(range(100))

@@ -8,6 +8,7 @@ import torch
 from crate import build_model, save
 from crate.cli import main
 from crate.eval.steer import SteerError, parse_prompt, steer, zero_check
+from test_model import crate_forward_float64, gpt_forward_float64
 
 NEURON, TOKEN = 7, 42
 PROMPT = [1, 2, 3, 4, 5]
@@ -46,18 +47,40 @@ def test_clamping_moves_the_rigged_token_in_the_expected_direction(arch: str) ->
     assert torch.allclose(up.p_before.sum(), torch.tensor(1.0)) and len(up.before) == 5
 
 
+def reference(model: torch.nn.Module, idx: torch.Tensor, clamp=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The float64 forward of SPEC.md sections 1-2 from the raw weights (tests/test_model.py), optionally with one
+    neuron overwritten at every position."""
+    cfg, sd = model.config, model.state_dict()
+    if cfg.arch == "crate":
+        return crate_forward_float64(sd, idx, cfg.n_layer, cfg.n_head, steps=cfg.ista_steps, clamp=clamp)
+    return gpt_forward_float64(sd, idx, cfg.n_layer, cfg.n_head, activation=cfg.activation, clamp=clamp)
+
+
 @pytest.mark.parametrize("arch", ["crate", "gpt"])
-def test_zero_on_an_inactive_unit_changes_nothing(arch: str) -> None:
+def test_zero_on_an_inactive_unit_changes_nothing(arch: str, monkeypatch) -> None:
     model = build_model(arch, "micro").eval()
+    idx = torch.tensor([PROMPT])
     check = zero_check(model, PROMPT, 0)
     assert check.neuron is not None and check.n_inactive > 0
     assert check.max_abs_diff == 0.0 and check.ok
-    _, cache = model.run_with_cache(torch.tensor([PROMPT]), [model.neuron_hook(0)])
-    active = int(cache[model.neuron_hook(0)][0].amax(0).argmax())  # the same clamp on an active unit must show
+    ref, neurons = reference(model, idx)
+    assert (neurons[0][0, :, check.neuron] == 0).all()  # inactive in the independent forward too
+    zeroed, _ = reference(model, idx, clamp=(0, check.neuron, 0.0))
+    assert torch.equal(zeroed, ref)
+    with model.steer(0, check.neuron, 0.0):
+        torch.testing.assert_close(model(idx).double(), ref, rtol=1e-4, atol=1e-5)
+
+    # the same clamp on an active unit changes the logits, in the reference and in the model, by the same amount
+    active = int(neurons[0][0].amax(0).argmax())
+    clamped, _ = reference(model, idx, clamp=(0, active, 0.0))
+    assert (clamped - ref).abs().max() > 1e-3
     with model.steer(0, active, 0.0):
-        assert (model(torch.tensor([PROMPT])) - model(torch.tensor([PROMPT]))).abs().max() == 0
-        steered = model(torch.tensor([PROMPT]))
-    assert (steered - model(torch.tensor([PROMPT]))).abs().max() > 0
+        torch.testing.assert_close(model(idx).double(), clamped, rtol=1e-4, atol=1e-5)
+    # and the zero check catches a clamp wired to the wrong unit
+    steer_unit = type(model).steer
+    monkeypatch.setattr(model, "steer", lambda layer, neuron, value: steer_unit(model, layer, active, value))
+    wrong = zero_check(model, PROMPT, 0)
+    assert wrong.max_abs_diff > 1e-3 and not wrong.ok
 
 
 def test_prompt_parsing() -> None:
