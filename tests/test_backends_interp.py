@@ -160,14 +160,26 @@ def test_hf_backend_runs_4bit_weights(tiny_hf, tmp_path):
 # OpenAI-compatible server on loopback
 
 
-class _Handler(BaseHTTPRequestHandler):
+class JSONHandler(BaseHTTPRequestHandler):
+    """A quiet request handler that answers JSON (the loopback servers of the LLM tests)."""
+
+    def log_message(self, *a):
+        pass
+
+    def _send(self, code, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class _Handler(JSONHandler):
     mode = "ok"
     key = "sk-secret-123"
     calls: list = []
     fail_first = 0
-
-    def log_message(self, *a):
-        pass
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -187,13 +199,6 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, {"choices": [{"text": prompt + "x", "logprobs": lp}]})
         return self._send(200, {"choices": [{"text": " cats and dogs.\nNeuron 3", "logprobs": None}]})
 
-    def _send(self, code, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
 
 @pytest.fixture()

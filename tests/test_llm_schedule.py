@@ -5,7 +5,7 @@ import json
 import math
 import os
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -18,7 +18,7 @@ from crate.eval.interpret import InterpretConfig, plan_interpret, run_interpret
 from crate.eval.prompts import DIGITS, detection_prompt, simulate_pieces
 from crate.eval.activations import Window
 from crate.eval.simulate import LLMExplainer, LLMSimulator, StatsExplainer, StatsSimulator
-from test_backends_interp import tiny_hf  # noqa: F401 - the fixture
+from test_backends_interp import JSONHandler, tiny_hf  # noqa: F401 - the fixture
 
 T = 32
 
@@ -189,7 +189,7 @@ def test_bad_schedule_options_fail_before_any_work(micro, tmp_path):
 # HTTP: many requests in flight, across neurons
 
 
-class _Server(BaseHTTPRequestHandler):
+class _Server(JSONHandler):
     """Echoes prompt log-probabilities (p(7) = 1/2, p(3) = 1/4); each echo request waits at a barrier of `width`
     requests, so a client that keeps fewer in flight breaks it (and gets HTTP 500)."""
 
@@ -197,9 +197,6 @@ class _Server(BaseHTTPRequestHandler):
     barrier: threading.Barrier
     lock = threading.Lock()
     active = peak = 0
-
-    def log_message(self, *a):
-        pass
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -221,13 +218,6 @@ class _Server(BaseHTTPRequestHandler):
             with cls.lock:
                 cls.active -= 1
 
-    def _send(self, code, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
 
 def test_http_keeps_the_requests_of_many_neurons_in_flight(tmp_path):
