@@ -468,18 +468,19 @@ def layer_window_ids(rec: LayerRecording, stream: np.ndarray) -> dict[str, np.nd
     return {"top": f(rec.top_pos), "random": f(rec.rand_pos), "quantile": f(rec.q_pos)}
 
 
-def _window(ids: np.ndarray, acts: np.ndarray, pos: int, left: int, token_strings: Sequence[str], rid: str) -> Window | None:
-    if pos < 0:
-        return None
-    valid = ids >= 0
-    first = int(np.argmax(valid))
-    return Window(
-        tokens=[token_strings[i] for i in ids[valid].tolist()],
-        activations=acts[valid].astype(np.float64).tolist(),
-        center=left - first,
-        id=rid,
-        position=int(pos),
-    )
+def _record_windows(ids: np.ndarray, acts: np.ndarray, pos: np.ndarray, left: int, token_strings: Sequence[str],
+             rids: Sequence[str]) -> list[Window | None]:
+    """Windows of rows of (token ids, activations, position); None where the position is -1 (no record). The rows
+    go to Python lists at once: per-row numpy calls cost more than the windows' few dozen tokens."""
+    out: list[Window | None] = []
+    for row_ids, row_acts, p, rid in zip(ids.tolist(), acts.astype(np.float64).tolist(), pos.tolist(), rids):
+        if p < 0:
+            out.append(None)
+            continue
+        keep = [j for j, i in enumerate(row_ids) if i >= 0]
+        out.append(Window(tokens=[token_strings[row_ids[j]] for j in keep], activations=[row_acts[j] for j in keep],
+                          center=left - (keep[0] if keep else 0), id=rid, position=int(p)))
+    return out
 
 
 def neuron_windows(rec: LayerRecording, neuron: int, stream: np.ndarray, token_strings: Sequence[str],
@@ -495,16 +496,19 @@ def neuron_windows(rec: LayerRecording, neuron: int, stream: np.ndarray, token_s
         col = 0
     else:
         col = n
-    top = [_window(ids["top"][k, col], rec.top_win[k, n], int(rec.top_pos[k, n]), L, ts, f"top:{k}")
-           for k in range(rec.top_pos.shape[0])]
-    rnd = [_window(ids["random"][r, col], rec.rand_win[r, n], int(rec.rand_pos[r, n]), L, ts, f"random:{r}")
-           for r in range(rec.rand_pos.shape[0])]
-    qs = [[_window(ids["quantile"][q, p, col], rec.q_win[q, p, n], int(rec.q_pos[q, p, n]), L, ts, f"quantile:{q}:{p}")
-           for p in range(rec.q_pos.shape[1])] for q in range(rec.q_pos.shape[0])]
+    K, R = rec.top_pos.shape[0], rec.rand_pos.shape[0]
+    Q, P = rec.q_pos.shape[:2]
+    top = _record_windows(ids["top"][:, col], rec.top_win[:, n], rec.top_pos[:, n], L, ts,
+                          [f"top:{k}" for k in range(K)])
+    rnd = _record_windows(ids["random"][:, col], rec.rand_win[:, n], rec.rand_pos[:, n], L, ts,
+                   [f"random:{r}" for r in range(R)])
+    W = rec.q_win.shape[-1]
+    flat = _record_windows(ids["quantile"][:, :, col].reshape(Q * P, W), rec.q_win[:, :, n].reshape(Q * P, W),
+                    rec.q_pos[:, :, n].reshape(-1), L, ts, [f"quantile:{q}:{p}" for q in range(Q) for p in range(P)])
     return {
         "top": [w for w in top if w is not None],
         "random": [w for w in rnd if w is not None],
-        "quantile": [[w for w in ws if w is not None] for ws in qs],
+        "quantile": [[w for w in flat[q * P:(q + 1) * P] if w is not None] for q in range(Q)],
     }
 
 

@@ -410,10 +410,10 @@ def score_many(jobs: Iterable[tuple[Any, Generator[list[Request], list[Any], dic
                 yield key, done.value
 
 
-def _done_neurons(path: Path, key: str) -> dict[int, dict[str, Any]]:
-    """Results already in a layer's JSONL; a line cut by an interruption is dropped (the file is rewritten).
-    A line of other inputs than `key` is never reused: the caller refuses before that (see `_check_scores`)."""
-    done: dict[int, dict[str, Any]] = {}
+def _done_neurons(path: Path, key: str) -> dict[int, tuple[dict[str, Any], str]]:
+    """Results already in a layer's JSONL, each with its line; a line cut by an interruption is dropped (the file is
+    rewritten). A line of other inputs than `key` is never reused: the caller refuses before that (`_check_scores`)."""
+    done: dict[int, tuple[dict[str, Any], str]] = {}
     if not path.exists():
         return done
     text = path.read_text(encoding="utf-8")
@@ -423,7 +423,7 @@ def _done_neurons(path: Path, key: str) -> dict[int, dict[str, Any]]:
         except json.JSONDecodeError:
             continue
         if (row.get("provenance") or {}).get("key") == key:
-            done[int(row["neuron"])] = row
+            done[int(row["neuron"])] = (row, line)
     return done
 
 
@@ -443,18 +443,22 @@ def _check_scores(scores_dir: Path, identity: dict[str, Any], overwrite: bool) -
     return [scores_dir]
 
 
-def _write_layer_scores(path: Path, rows: list[dict[str, Any]]) -> None:
+def _write_layer_scores(path: Path, lines: list[str]) -> None:
     from crate.atomic import write_bytes
 
-    write_bytes(path, "".join(json.dumps(_clean(r), ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+    write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
 
 
 def _clean(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
+    """JSON-ready: NaN and infinities become null, numpy scalars Python numbers. Lists of floats (the activations,
+    most of a score line) take one comprehension instead of a call per element."""
+    if type(x) is float:
+        return x if math.isfinite(x) else None
     if isinstance(x, dict):
         return {k: _clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
+        if all(type(v) is float for v in x):
+            return [v if math.isfinite(v) else None for v in x]
         return [_clean(v) for v in x]
     if isinstance(x, np.generic):
         return _clean(x.item())
@@ -703,22 +707,27 @@ def _score_layers(recs: dict[str, LayerRecording], plan: InterpretPlan, progress
     neurons, key, protocol, cfg = plan.neurons, plan.key, plan.protocol, plan.cfg
     scores_dir = plan.out / "scores" / protocol.name
     rows: dict[str, dict[int, dict[str, Any]]] = {}
+    lines: dict[str, dict[int, str]] = {}
     todo: list[tuple[str, int]] = []
     for name in recs:
         path = scores_dir / f"{name}.jsonl"
         done = _done_neurons(path, key)
-        rows[name] = {n: done[n] for n in neurons[name] if n in done}
-        _write_layer_scores(path, [rows[name][n] for n in neurons[name] if n in rows[name]])
+        rows[name] = {n: done[n][0] for n in neurons[name] if n in done}
+        lines[name] = {n: done[n][1] for n in neurons[name] if n in done}
+        _write_layer_scores(path, [lines[name][n] for n in neurons[name] if n in lines[name]])
         todo += [(name, n) for n in neurons[name] if n not in rows[name]]
     total = sum(len(neurons[name]) for name in recs)
     reused = total - len(todo)
     files = {name: (scores_dir / f"{name}.jsonl").open("a", encoding="utf-8") for name in {n for n, _ in todo}}
+    completed: dict[str, list[int]] = {name: [] for name in files}
     try:
         done_count = reused
         for (name, n), res in _score_todo(recs, plan, todo):
             rows[name][n] = _clean({"layer": name, "neuron": int(n), **res, "provenance": plan.provenance})
-            files[name].write(json.dumps(rows[name][n], ensure_ascii=False) + "\n")
+            lines[name][n] = json.dumps(rows[name][n], ensure_ascii=False)
+            files[name].write(lines[name][n] + "\n")
             files[name].flush()
+            completed[name].append(n)
             done_count += 1
             progress.update(f"scoring {protocol.name}", done_count, total, "neurons", note=_cache_note(plan))
     finally:
@@ -726,8 +735,10 @@ def _score_layers(recs: dict[str, LayerRecording], plan: InterpretPlan, progress
             f.close()
     per_layer: dict[str, dict[int, float]] = {}
     for name in recs:
-        if name in files:
-            _write_layer_scores(scores_dir / f"{name}.jsonl", [rows[name][n] for n in neurons[name]])
+        # the appended file already holds the selection in order when nothing was reused and neurons completed in
+        # order (the stats backend); otherwise it is rewritten in the selection's order
+        if name in files and completed[name] != list(neurons[name]):
+            _write_layer_scores(scores_dir / f"{name}.jsonl", [lines[name][n] for n in neurons[name]])
         per_layer[name] = {n: (rows[name][n].get("score") if rows[name][n].get("score") is not None else math.nan)
                            for n in neurons[name]}
     _say(f"scores {scores_dir}: {reused} of {total} neurons reused (same provenance), {total - reused} scored")
