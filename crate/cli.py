@@ -1,7 +1,7 @@
 """crate-lm: train, evaluate and interpret CRATE language models against a GPT-2 baseline.
 
 Subcommands match what people do: info, convert and export-hf live here; prepare, train and eval in
-`crate.train.cli`; interpret in `crate.eval.cli`; report, browse, steer, reproduce and demo in
+`crate.train.cli`; interpret in `crate.eval.cli`; report, browse, steer, reproduce, study and demo in
 `crate.eval.report_cli`.
 
 Each subsystem's module exposes `register(subparsers)`; heavy imports stay inside the handlers so
@@ -122,6 +122,7 @@ RESUME = {
     "interpret": "run the same command again: records and scored neurons are kept and reused",
     "demo": "run the same command again: finished steps are reused",
     "reproduce": "run the same command again: finished steps are reused",
+    "study": "run the same command again: finished runs and scored neurons are reused",
 }
 
 

@@ -43,14 +43,16 @@ def _log(msg: str, t0: float | None = None) -> None:
 
 
 # --- model sizes -----------------------------------------------------------------------------------------
-def matched_overrides(preset: str, vocab_size: int, block_size: int, multiple: int = 64) -> tuple[dict, dict, int, int]:
-    """Overrides for CRATE and GPT of `preset` with parameter counts within a few %: GPT keeps the preset, CRATE's
-    dictionary width n_hidden is the multiple of `multiple` that brings its count closest to GPT's."""
+def matched_overrides(preset: str, vocab_size: int, block_size: int, multiple: int = 64,
+                      **shape: Any) -> tuple[dict, dict, int, int]:
+    """Overrides for CRATE and GPT of `preset` (and `shape`, other config fields of both) with parameter counts
+    within a few %: GPT keeps the preset, CRATE's dictionary width n_hidden is the multiple of `multiple` that brings
+    its count closest to GPT's."""
     import torch
 
     from crate import build_model
 
-    common = dict(vocab_size=vocab_size, block_size=block_size)
+    common = dict(vocab_size=vocab_size, block_size=block_size, **shape)
     with torch.device("meta"):
         gpt = build_model("gpt", preset, **common).num_params()
         base = build_model("crate", preset, **common)

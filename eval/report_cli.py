@@ -1,7 +1,8 @@
-"""`crate report | browse | steer | reproduce | demo`: the commands people come for.
+"""`crate report | browse | steer | reproduce | study | demo`: the commands people come for.
 
     crate demo [--out crate-demo] [--steps N] [--neurons N] [--llm]       tiny CRATE vs tiny GPT, end to end, offline
     crate reproduce --size 1L|2L|3L|S|B | --all [--out runs/reproduce]   the paper's pipeline, resumable per step
+    crate study [--sizes 1L,2L,3L] [--seeds 3] [--out crate-study]       the paper's claim at CPU scale, seed-aware
     crate report RUNS... [--out report]                                  tables (md, csv, tex) and plots
     crate browse RESULTS... [--out browser] [--serve]                    static neuron browser
     crate steer --checkpoint DIR --layer L --neuron I --value V --prompt "1,2,3,4,5"
@@ -99,7 +100,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from crate.eval.study import StudyOptions, study
+
+    def count(text: str | None) -> int | None:
+        return None if text in (None, "all") else int(text)
+
+    opts = StudyOptions(out=Path(args.out), sizes=args.sizes.split(","), seeds=args.seeds, steps=args.steps,
+                        protocols=args.protocols.split(","), context=args.context, match=args.match, sae=not args.no_sae,
+                        neurons=count(args.neurons), control_neurons=count(args.control_neurons),
+                        llm_neurons=args.llm_neurons, n_tokens=args.tokens, interpret_seed=args.seed,
+                        overrides=args.overrides, max_documents=args.documents, overwrite=args.overwrite,
+                        jobs=args.jobs)
+    study(opts, command="crate " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else None)
+    return 0
+
+
+def _count_arg(text: str) -> str:
+    if text != "all" and not (text.isdigit() and int(text) >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of neurons or 'all', got {text!r}")
+    return text
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="the paper's claim at CPU scale: 1L/2L/3L CRATE vs GPT (and GPT-SAE), several "
+                       "training seeds, seed-aware intervals and a verdict per claim")
+    p.add_argument("--out", default="crate-study", help="output folder (default: crate-study)")
+    p.add_argument("--sizes", default="1L,2L,3L", help="comma-separated presets (default: 1L,2L,3L)")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per size and arch (default 3)")
+    p.add_argument("--steps", type=int, default=200, help="training steps per run (default 200)")
+    p.add_argument("--protocols", default="tar", help="comma-separated: tar, random, short (default: tar)")
+    p.add_argument("--context", type=int, default=64, help="context length of training and records (default 64)")
+    p.add_argument("--match", choices=["params", "width"], default="params",
+                   help="params: CRATE's dictionary widened to GPT's parameter count (default); width: h = 4d for both")
+    p.add_argument("--no-sae", action="store_true", help="leave out GPT-SAE")
+    p.add_argument("--neurons", type=_count_arg, default="all", help="neurons scored per layer (default: all)")
+    p.add_argument("--control-neurons", type=_count_arg, default="64",
+                   help="random-init control neurons per layer (default 64; 0: no controls; all)")
+    p.add_argument("--llm-neurons", type=int, default=1,
+                   help="neurons per layer through SmolLM2, first seed only (default 1; 0: none)")
+    p.add_argument("--tokens", type=int, default=16 * 1024, help="validation tokens recorded per model (default 16384)")
+    p.add_argument("--documents", type=int, default=None, help="use only the first N plays of the corpus (quick runs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the neuron samples and random records (default 0)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="(seed, size) runs at once, in processes sharing the cores (default: 2 on 2 cores or more)")
+    p.add_argument("--overwrite", action="store_true", help="discard outputs of other inputs (otherwise refused)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="model.* / train.* overrides for every run, e.g. train.lr=1e-3 model.n_embd=64")
+    p.set_defaults(func=cmd_study)
+
     p = sub.add_parser("report", help="the paper's tables and figures from interpret results and training runs")
     p.add_argument("runs", nargs="+", metavar="RUNS", help="folders holding `crate interpret` results and/or `crate train` runs (searched recursively)")
     p.add_argument("--out", default="report", help="output folder (default: report)")

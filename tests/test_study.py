@@ -1,0 +1,221 @@
+"""`crate study`: the seed-aware interval against hand-computed cases and the two-level bootstrap's variance, the
+verdicts, the claims taken from SPEC.md's numbers, and a reduced study end to end (recomputed from its score
+files, resumed, refused with other inputs)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crate.errors import CrateError
+from crate.eval import stats
+from crate.eval.study_report import claims
+
+
+def test_seed_aware_interval_of_a_hand_computed_case():
+    # three seeds whose neurons all score the same within a seed: resampling neurons changes nothing, so the
+    # neurons-only interval is the point; the mean of 3 seeds drawn with replacement from {0, 0.3, 0.6} is 0 with
+    # probability 1/27 = 3.7% and 0.6 with 1/27 (both > 2.5%), so the seed-aware 95% interval is [0, 0.6]
+    runs = [{"0": [v] * 5, "1": [v] * 7} for v in (0.0, 0.3, 0.6)]
+    seeds = stats.seed_bootstrap(runs, n_boot=4000, seed=1)
+    fixed = stats.seed_bootstrap(runs, n_boot=4000, seed=1, resample_seeds=False)
+    assert seeds["estimate"] == pytest.approx(0.3) and fixed["estimate"] == pytest.approx(0.3)
+    assert seeds["ci95"] == pytest.approx([0.0, 0.6], abs=1e-12)
+    assert fixed["ci95"] == pytest.approx([0.3, 0.3], abs=1e-12)
+    # one seed with neurons {0, 1}: a resampled mean is 0, 0.5 or 1 (1/4, 1/2, 1/4): the interval is [0, 1]
+    one = stats.seed_bootstrap([{"0": [0.0, 1.0]}], n_boot=4000, seed=2)
+    assert one["ci95"] == pytest.approx([0.0, 1.0]) and one["n_seeds"] == 1
+    # NaN scores (dead neurons) and layers without a finite score are left out
+    assert stats.seed_bootstrap([{"0": [0.2, math.nan], "1": [math.nan]}], n_boot=50)["estimate"] == pytest.approx(0.2)
+
+
+def test_two_level_bootstrap_variance_matches_its_formula():
+    # a replicate averages S draws; each draw is a seed J (uniform) and a resampled mean of its neurons, so
+    # Var = [Var_pop(model means) + mean_s(sum_l sigma_sl^2 / n_sl / L^2)] / S (sigma^2: population variance)
+    rng = np.random.default_rng(3)
+    runs = [{"0": rng.normal(m, 1.0, 40), "1": rng.normal(m + 1, 2.0, 90)} for m in (0.0, 0.8, 2.0)]
+    model_means = [np.mean([v.mean() for v in r.values()]) for r in runs]
+    within = [sum(v.var() / len(v) for v in r.values()) / 4 for r in runs]
+    expected = (np.var(model_means) + np.mean(within)) / 3
+    boots = stats.seed_bootstrap(runs, n_boot=20000, seed=4)["boots"]
+    assert boots.var() == pytest.approx(expected, rel=0.05)
+    fixed = stats.seed_bootstrap(runs, n_boot=20000, seed=4, resample_seeds=False)["boots"]
+    assert fixed.var() == pytest.approx(np.sum(within) / 9, rel=0.05)  # seeds fixed: only the neurons' part
+    # the "var" statistic: the mean over seeds of each model's population variance of its layer means
+    var = stats.seed_bootstrap(runs, n_boot=10, statistic="var")["estimate"]
+    assert var == pytest.approx(np.mean([np.var([v.mean() for v in r.values()]) for r in runs]))
+
+
+def test_t_intervals_of_hand_computed_cases():
+    from scipy.stats import t
+
+    # per-seed values 0, 0.3, 0.6: mean 0.3, sd 0.3, so 0.3 -+ t(0.975, 2) * 0.3 / sqrt(3) = 0.3 -+ 4.302653 * 0.1732051
+    assert stats.t_interval([0.0, 0.3, 0.6]) == pytest.approx([0.3 - 0.7452413, 0.3 + 0.7452413], abs=1e-6)
+    assert all(math.isnan(x) for x in stats.t_interval([0.4]))  # one seed: no seed noise can be measured
+    # Welch: a = 1, 2, 3 (s^2/n = 1/3), b = 0, 1 (0.5/2 = 0.25): se^2 = 7/12, df = (7/12)^2 / ((1/3)^2/2 + 0.25^2/1)
+    se, df = math.sqrt(7 / 12), (7 / 12) ** 2 / ((1 / 3) ** 2 / 2 + 0.0625)
+    assert df == pytest.approx(2.882353, abs=1e-6)
+    half = t.ppf(0.975, df) * se
+    assert stats.welch_interval([1, 2, 3], [0, 1]) == pytest.approx([1.5 - half, 1.5 + half])
+
+
+def test_t_interval_covers_95_percent_with_three_seeds_and_the_bootstrap_does_not():
+    # seed noise only (sd 1 between seeds, 200 neurons of sd 0.5 within): over 400 simulated studies the t interval
+    # holds the true mean (0) about 95% of the time; the percentile bootstrap over 3 seeds far less often
+    rng = np.random.default_rng(8)
+    t_hits = boot_hits = 0
+    for _ in range(400):
+        runs = [{"0": rng.normal(rng.normal(0, 1), 0.5, 200)} for _ in range(3)]
+        per_seed = [stats.model_statistic([np.asarray(r["0"])], "mean") for r in runs]
+        lo, hi = stats.t_interval(per_seed)
+        t_hits += lo <= 0 <= hi
+        lo, hi = stats.seed_bootstrap(runs, n_boot=300, seed=1)["ci95"]
+        boot_hits += lo <= 0 <= hi
+    assert 0.92 <= t_hits / 400 <= 0.98
+    assert boot_hits / 400 < 0.85
+
+
+def test_corrected_layer_variance_removes_what_neuron_sampling_adds():
+    # true layer means 0 and 1 (population variance 0.25); 30 neurons of sd 3 per layer add (L - 1) / L^2 * 2 * 9 / 30
+    # = 0.15 to the expected variance of the measured layer means
+    rng = np.random.default_rng(9)
+    raw, corrected = [], []
+    for _ in range(3000):
+        run = [rng.normal(0, 3, 30), rng.normal(1, 3, 30)]
+        raw.append(stats.model_statistic(run, "var"))
+        corrected.append(stats.model_statistic(run, "var_corrected"))
+    assert np.mean(raw) == pytest.approx(0.40, abs=0.03)
+    assert np.mean(corrected) == pytest.approx(0.25, abs=0.03)
+
+
+def test_seed_compare_resamples_the_systems_apart():
+    rng = np.random.default_rng(5)
+    a = [{"0": rng.normal(m, 1, 30), "1": rng.normal(m, 1, 20)} for m in (1.0, 1.5, 3.0)]
+    d = stats.seed_compare(a, a, n_boot=2000, seed=7)
+    # the same data on both sides: the estimate is 0; had both sides shared one random stream every replicate of
+    # the difference would be 0 too, but they are drawn apart, so the interval has the width of two systems' noise
+    assert d["estimate"] == 0 and d["estimate_seed0"] == 0
+    lo, hi = d["ci95_bootstrap"]
+    alone = stats.seed_bootstrap(a, n_boot=2000, seed=3)["boots"]
+    assert lo < -0.5 < 0.5 < hi and (hi - lo) / 2 == pytest.approx(1.96 * math.sqrt(2) * alone.std(), rel=0.1)
+    assert d["ci95_seeds"] == pytest.approx(stats.welch_interval(d["a"]["per_seed"], d["a"]["per_seed"]))
+    # seed 0 alone: its neurons only, narrower than the spread between seeds
+    lo0, hi0 = d["ci95_seed0"]
+    assert lo0 < 0 < hi0 and hi0 - lo0 < hi - lo
+
+
+@pytest.mark.parametrize("lo, hi, direction, expected", [
+    (0.5, 2.0, 1, "holds"), (0.5, 2.0, -1, "reversed"), (-2.0, -0.1, -1, "holds"), (-2.0, -0.1, 1, "reversed"),
+    (-0.1, 2.0, 1, "not resolved"), (-1.0, 0.0, -1, "not resolved"), (math.nan, 1.0, 1, "not resolved"),
+])
+def test_verdict_reads_the_interval(lo, hi, direction, expected):
+    assert stats.verdict(lo, hi, direction) == expected
+
+
+def test_claims_take_their_direction_from_the_papers_numbers():
+    rows = {(c["claim"], c["protocol"]): c for c in claims(["1L", "2L", "3L"], ["TaR", "short-context"], True,
+                                                             {"1L": 1, "2L": 2, "3L": 3})}
+    # SPEC.md 6: TaR 1L 3.9 / 8.8 (CRATE loses), 2L 8.05 / 4.2, 3L 9.1 / 3.57
+    assert rows[("CRATE < GPT at 1L", "TaR")]["direction"] == -1
+    assert rows[("CRATE > GPT at 2L", "TaR")]["direction"] == 1 and ("CRATE > GPT at 3L", "TaR") in rows
+    # 6a: GPT-SAE TaR 1L 5.5 (above CRATE's 3.9), 2L (7.6 + 3.5) / 2 = 5.55 (below 8.05)
+    assert rows[("CRATE < GPT-SAE at 1L", "TaR")]["paper"] == "3.9 vs 5.50"
+    assert rows[("CRATE > GPT-SAE at 2L", "TaR")]["direction"] == 1
+    # short-context: GPT-SAE above both (1L 15.4 vs GPT 14.2)
+    assert rows[("GPT-SAE > GPT at 1L", "short-context")]["direction"] == 1
+    assert ("GPT-SAE > GPT at 1L", "TaR") not in rows
+    # the variance claim (the paper's 6L/12L TaR numbers) only where a model has two layers or more
+    assert [k for k in rows if "variance" in k[0]] == [("CRATE's layer variance < GPT's at 2L", "TaR"),
+                                                       ("CRATE's layer variance < GPT's at 3L", "TaR")]
+
+
+# --------------------------------------------------------------------------------------------------------
+# a reduced study end to end
+
+REDUCED = dict(sizes=["1L", "2L"], seeds=2, steps=3, vocab_size=300, max_documents=1, sae=False, neurons=12,
+               control_neurons=4, llm_neurons=0, n_tokens=2048, context=32, n_boot=300, jobs=1,
+               overrides=["model.n_embd=16", "model.n_head=2", "train.val_batches=1", "train.final_val_batches=1"])
+
+
+def _scores(out: Path, seed: int, size: str, arch: str) -> dict[str, list[float]]:
+    """x100 scores by layer, read straight from the JSONL files (null = NaN left out)."""
+    folder = out / "interpret" / f"seed{seed}" / size / arch / "scores" / "tar"
+    layers = {}
+    for f in sorted(folder.glob("*.jsonl")):
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        layers[f.stem] = [100 * r["score"] for r in rows if r["score"] is not None]
+    return layers
+
+
+def _model_score(layers: dict[str, list[float]]) -> float:
+    return sum(sum(v) / len(v) for v in layers.values()) / len(layers)
+
+
+def test_reduced_study_end_to_end_resumes_and_refuses_other_inputs(tmp_path, capsys, one_thread):
+    from scipy.stats import t
+
+    from crate.eval.study import StudyOptions, study
+
+    out = tmp_path / "study"
+    opts = StudyOptions(out=out, **REDUCED)
+    index = study(opts)
+    first = capsys.readouterr().out
+    summary = json.loads((out / "study.json").read_text())
+    systems = {(r["size"], r["system"], r["metric"]): r for r in summary["tables"]["systems"]}
+    for size, n_layer in (("1L", 1), ("2L", 2)):
+        for arch in ("crate", "gpt"):
+            per_seed = [_model_score(_scores(out, s, size, arch)) for s in (0, 1)]
+            assert all(len(_scores(out, s, size, arch)) == n_layer for s in (0, 1))
+            row = systems[(size, arch.upper(), "correlation")]
+            assert row["numbers"]["per_seed"] == pytest.approx(per_seed, abs=1e-9)
+            assert row["estimate"] == pytest.approx(sum(per_seed) / 2, abs=1e-9)
+            half = t.ppf(0.975, 1) * np.std(per_seed, ddof=1) / math.sqrt(2)  # Student's t, 1 degree of freedom
+            assert row["numbers"]["ci95_seeds"] == pytest.approx([row["estimate"] - half, row["estimate"] + half])
+    # the training seeds differ (1337 + k), and so do the trained weights
+    configs = [(out / "runs" / f"seed{s}" / "crate-2L" / "config.yaml").read_text() for s in (0, 1)]
+    assert "seed: 1337" in configs[0] and "seed: 1338" in configs[1]
+    keys = {r["key"] for r in summary["inputs"] if r["kind"] == "trained" and r["size"] == "2L" and r["system"] == "crate"}
+    assert len(keys) == 2
+    # one random init per training seed for the controls
+    weights = {json.loads((out / "interpret" / f"seed{s}" / "1L" / "gpt-control" / "provenance.json").read_text())
+               ["model"]["weights_fingerprint"] for s in (0, 1)}
+    assert len(weights) == 2
+    # a verdict row per claim these sizes can test, read from its own interval
+    verdicts = {r["claim"]: r for r in summary["tables"]["verdicts"]}
+    assert set(verdicts) == {"CRATE < GPT at 1L", "CRATE > GPT at 2L", "CRATE's layer variance < GPT's at 2L"}
+    v = verdicts["CRATE > GPT at 2L"]
+    assert v["verdict"] == stats.verdict(*v["numbers"]["ci95_seeds"], 1)
+    assert v["difference"] == pytest.approx(systems[("2L", "CRATE", "correlation")]["estimate"]
+                                            - systems[("2L", "GPT", "correlation")]["estimate"])
+    assert "| CRATE > GPT at 2L | TaR |" in first and (out / "plots" / "score_vs_depth_TaR.png").stat().st_size > 1000
+    assert "## Verdicts" in index.read_text() and "Random-initialisation controls" in index.read_text()
+    # a rerun reuses every run and every score, and reports the same numbers
+    timings = (out / "timings.json").read_text()
+    study(opts)
+    again = capsys.readouterr().out
+    assert again.count(": reused;") == 4 and "0 scored" in again and " 12 scored" not in again
+    assert (out / "timings.json").read_text() == timings
+    assert json.loads((out / "study.json").read_text())["tables"] == summary["tables"]
+    # the same with two runs at once, in worker processes
+    study(StudyOptions(out=out, **{**REDUCED, "jobs": 2}))
+    assert capsys.readouterr().out.count(": reused;") == 4
+    assert json.loads((out / "study.json").read_text())["tables"] == summary["tables"]
+    # other inputs are refused, naming the difference; nothing is discarded without --overwrite
+    with pytest.raises(CrateError, match="max_steps"):
+        study(StudyOptions(out=out, **{**REDUCED, "steps": 4}))
+    assert (out / "runs" / "seed0" / "crate-1L" / "final" / "config.json").is_file()
+
+
+def test_bad_study_options_fail_before_anything_is_written(tmp_path):
+    from crate.eval.study import StudyOptions, study
+
+    cases = [({"sizes": ["4L"]}, "unknown size"), ({"overrides": ["train.lr=fast"]}, "train.lr"),
+             ({"overrides": ["model.n_hidden=64"]}, "n_hidden"), ({"seeds": 0}, "--seeds"),
+             ({"protocols": ["tar", "nope"]}, "nope"), ({"overrides": ["data.path=x"]}, "model.\\* and train.\\*")]
+    for change, message in cases:
+        out = tmp_path / "s"
+        with pytest.raises(CrateError, match=message):
+            study(StudyOptions(out=out, **{**REDUCED, **change}))
+        assert not out.exists()
