@@ -201,7 +201,7 @@ def preflight(opts: StudyOptions) -> list[str]:
 
 class Clock:
     """The study's ETA: seconds per layer of the (seed, size) units computed so far, times the layers left, over the
-    units running at once. Units that were reused (every output there already) do not enter the rate."""
+    units running at once. Units that were reused do not enter the rate."""
 
     def __init__(self, units: list[Unit], jobs: int = 1):
         self.jobs = jobs
@@ -224,7 +224,7 @@ class Clock:
 
 
 def _outputs(opts: StudyOptions, unit: Unit) -> list[Path]:
-    """What a finished unit leaves (to tell a reused unit from a computed one, for the timings and the ETA)."""
+    """What a finished unit leaves (with `unit_inputs`, what tells a reused unit from a computed one)."""
     from crate.eval.protocols import get_protocol
 
     out = Path(opts.out)
@@ -288,11 +288,19 @@ def _unit_worker(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float, thre
     return time.perf_counter() - start
 
 
-def _run_units(opts: StudyOptions, units: list[Unit], data_dir: Path, t0: float, jobs: int):
-    """(unit, seconds, reused) as each unit finishes: in this process when `jobs` is 1, else in `jobs` worker
+def unit_inputs(opts: StudyOptions) -> str:
+    """A digest of the options that shape a unit's outputs (not where they go, how many run at once, --overwrite)."""
+    from dataclasses import asdict
+
+    from crate.provenance import digest
+
+    return digest({k: v for k, v in asdict(opts).items() if k not in ("out", "jobs", "overwrite")})
+
+
+def _run_units(opts: StudyOptions, units: list[Unit], data_dir: Path, t0: float, jobs: int, reused: dict[str, bool]):
+    """(unit, seconds, reused[unit]) as each unit finishes: in this process when `jobs` is 1, else in `jobs` worker
     processes. After a failure no new unit starts, the units running finish (their work is kept) and the first
     failure is raised; on Ctrl-C (which the workers get too: each keeps what it finished) the workers are stopped."""
-    reused = {u.name: not opts.overwrite and all(p.is_file() for p in _outputs(opts, u)) for u in units}
     if jobs == 1:
         for unit in units:
             start = time.perf_counter()
@@ -363,15 +371,23 @@ def study(opts: StudyOptions, command: str | None = None) -> Path:
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     runs: dict[str, float] = timings.setdefault("runs", {})
+    inputs: dict[str, str] = timings.setdefault("inputs", {})
+    key = unit_inputs(opts)
+    # reused: every output there, last computed with these options (the steps' own lines say what they recompute);
+    # a folder of an earlier crate-lm has no record of them
+    reused = {u.name: not opts.overwrite and inputs.get(u.name, key) == key
+              and all(p.is_file() for p in _outputs(opts, u)) for u in units}
     jobs = min(opts.jobs or default_jobs(), len(units))
     clock = Clock(units, jobs)
     start = time.perf_counter()
     computed = False
-    for unit, seconds, reused in _run_units(opts, units, data_dir, t0, jobs):
-        if not reused or unit.name not in runs:
+    for unit, seconds, was_reused in _run_units(opts, units, data_dir, t0, jobs, reused):
+        if not was_reused or unit.name not in runs:
             runs[unit.name] = round(seconds, 1)
-        computed = computed or not reused
-        _log(f"{unit.name}: {'reused' if reused else f'done in {seconds:.0f}s'}; {clock.done(unit, seconds, reused)}", t0)
+        inputs[unit.name] = key
+        computed = computed or not was_reused
+        _log(f"{unit.name}: {'reused' if was_reused else f'done in {seconds:.0f}s'}; "
+             f"{clock.done(unit, seconds, was_reused)}", t0)
         timings_path.write_text(json.dumps(timings, indent=1))
     if computed:
         timings["wall"] = round(timings.get("wall", 0.0) + time.perf_counter() - start, 1)

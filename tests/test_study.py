@@ -202,6 +202,13 @@ def test_reduced_study_end_to_end_resumes_and_refuses_other_inputs(tmp_path, cap
     study(StudyOptions(out=out, **{**REDUCED, "jobs": 2}))
     assert capsys.readouterr().out.count(": reused;") == 4
     assert json.loads((out / "study.json").read_text())["tables"] == summary["tables"]
+    # another number of control neurons: the controls are rescored, and the runs say they were not reused
+    study(StudyOptions(out=out, **{**REDUCED, "control_neurons": 3}))
+    changed = capsys.readouterr().out
+    assert ": reused;" not in changed and changed.count("done in") >= 4
+    # the control folders of 2 seeds x 2 archs: 3 neurons a layer, 1L and 2L
+    assert changed.count("of 3 neurons reused (same provenance)") == changed.count("of 6 neurons reused (same") == 4
+    assert json.loads((out / "timings.json").read_text())["runs"] != json.loads(timings)["runs"]
     # other inputs are refused, naming the difference; nothing is discarded without --overwrite
     with pytest.raises(CrateError, match="max_steps"):
         study(StudyOptions(out=out, **{**REDUCED, "steps": 4}))
