@@ -85,6 +85,8 @@ class Unit:
     size: str
     recipes: dict[str, dict[str, Any]]
     params: dict[str, int]
+    n_layer: int
+    n_hidden: dict[str, int]  # per arch, as built (CRATE's dictionary width, GPT's MLP width)
 
     @property
     def name(self) -> str:
@@ -97,14 +99,6 @@ def interpret_dir(out: Path, seed: int, size: str, system: str, llm: bool = Fals
 
 def run_dir(out: Path, seed: int, size: str, arch: str) -> Path:
     return out / "runs" / f"seed{seed}" / f"{arch}-{size}"
-
-
-def _n_layer(size: str, recipe: dict[str, Any]) -> int:
-    from crate.config import PAPER_SIZES, TINY_SIZES
-
-    if "n_layer" in recipe["model"]:
-        return int(recipe["model"]["n_layer"])
-    return int(PAPER_SIZES[size][0] if size in PAPER_SIZES else TINY_SIZES[size]["n_layer"])
 
 
 def build_units(opts: StudyOptions, data_dir: Path, vocab: int) -> list[Unit]:
@@ -144,25 +138,27 @@ def build_units(opts: StudyOptions, data_dir: Path, vocab: int) -> list[Unit]:
                 crate_over, gpt_over, _, _ = matched_overrides(size, vocab, opts.context, **shape)
             else:
                 crate_over = gpt_over = {"vocab_size": vocab, "block_size": opts.context, **shape}
-            recipes, params = {}, {}
+            recipes, params, configs = {}, {}, {}
             for arch, over in (("crate", crate_over), ("gpt", gpt_over)):
                 raw = {"model": {"arch": arch, "preset": size, **over}, "data": dict(data),
                        "train": {**base["train"], "seed": 1337 + seed}}
                 RunConfig.from_dict({"name": f"{arch}-{size}", **raw})
                 recipes[arch] = raw
-                params[arch] = _count(raw["model"])
-            units.append(Unit(seed, size, recipes, params))
+                params[arch], configs[arch] = _built(raw["model"])
+            units.append(Unit(seed, size, recipes, params, configs["gpt"].n_layer,
+                              {arch: c.n_hidden for arch, c in configs.items()}))
     return units
 
 
-def _count(model: dict[str, Any]) -> int:
+def _built(model: dict[str, Any]) -> tuple[int, Any]:
+    """The parameter count and resolved config of a recipe's model (built on the meta device: no memory)."""
     import torch
 
     from crate import build_model
 
     with torch.device("meta"):
-        return build_model(model["arch"], model["preset"],
-                           **{k: v for k, v in model.items() if k not in ("arch", "preset")}).num_params()
+        m = build_model(model["arch"], model["preset"], **{k: v for k, v in model.items() if k not in ("arch", "preset")})
+        return m.num_params(), m.config
 
 
 def preflight(opts: StudyOptions) -> list[str]:
@@ -205,7 +201,7 @@ class Clock:
 
     def __init__(self, units: list[Unit], jobs: int = 1):
         self.jobs = jobs
-        self.left = {u.name: _n_layer(u.size, u.recipes["gpt"]) for u in units}
+        self.left = {u.name: u.n_layer for u in units}
         self.seconds = 0.0
         self.layers = 0
 
@@ -316,7 +312,7 @@ def _run_units(opts: StudyOptions, units: list[Unit], data_dir: Path, t0: float,
     futures: dict[Any, Unit] = {}
     try:
         # seed by seed, the deepest size first: the last unit to finish is then a short one (no idle core at the end)
-        order = sorted(units, key=lambda u: (u.seed, -_n_layer(u.size, u.recipes["gpt"])))
+        order = sorted(units, key=lambda u: (u.seed, -u.n_layer))
         futures = {pool.submit(_unit_worker, opts, u, data_dir, t0, threads): u for u in order}
         pending, failure = set(futures), None
         while pending:
@@ -366,7 +362,7 @@ def study(opts: StudyOptions, command: str | None = None) -> Path:
     data_dir = prepare_data("embedded", out / "data", "bpe", opts.vocab_size, t0, opts.max_documents, opts.overwrite)
     units = build_units(opts, data_dir, _padded(read_manifest(data_dir)["vocab_size"]))
     for u in units[: len(opts.sizes)]:
-        _log(f"{u.size}: CRATE {u.params['crate']:,} parameters (n_hidden {u.recipes['crate']['model'].get('n_hidden', '4d')}) "
+        _log(f"{u.size}: CRATE {u.params['crate']:,} parameters (n_hidden {u.n_hidden['crate']}) "
              f"vs GPT {u.params['gpt']:,} ({100 * (u.params['crate'] - u.params['gpt']) / u.params['gpt']:+.1f}%)", t0)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}

@@ -69,6 +69,7 @@ class Collected:
         self.runs: dict[tuple[str, str, str, str, str], Runs] = {}
         self.measures: dict[tuple[str, str], list[dict[str, dict[str, float]]]] = {}
         self.inputs: list[dict[str, Any]] = []
+        self._compared: dict[tuple, dict[str, Any]] = {}
         systems = ["crate", "gpt", *(["gpt-sae"] if opts.sae else [])]
         for unit in units:
             for system in systems:
@@ -100,6 +101,17 @@ class Collected:
 
     def get(self, kind: str, size: str, system: str, protocol: str, metric: str = "correlation") -> Runs | None:
         return self.runs.get((kind, size, system, protocol, metric))
+
+    def compare(self, a: tuple[str, str, str, str, str], b: tuple[str, str, str, str, str], statistic: str,
+                n_boot: int, seed: int) -> dict[str, Any] | None:
+        """stats.seed_compare of two keys of `runs` (None when one is missing), computed once: the verdicts and the
+        tables ask for the same differences."""
+        if a not in self.runs or b not in self.runs:
+            return None
+        key = (a, b, statistic, n_boot, seed)
+        if key not in self._compared:
+            self._compared[key] = stats.seed_compare(self.runs[a], self.runs[b], n_boot, seed, statistic)
+        return self._compared[key]
 
 
 def describe(runs: Runs, n_boot: int, seed: int, statistic: str = "mean") -> dict[str, Any]:
@@ -179,11 +191,10 @@ def claims(sizes: list[str], protocols: list[str], sae: bool, n_layers: dict[str
 def verdict_rows(collected: Collected, claim_list: list[dict[str, Any]], n_boot: int, seed: int) -> list[dict[str, Any]]:
     rows = []
     for c in claim_list:
-        a = collected.get("trained", c["size"], c["a"], c["protocol"])
-        b = collected.get("trained", c["size"], c["b"], c["protocol"])
-        if not a or not b:
+        d = collected.compare(("trained", c["size"], c["a"], c["protocol"], "correlation"),
+                              ("trained", c["size"], c["b"], c["protocol"], "correlation"), c["statistic"], n_boot, seed)
+        if d is None:
             continue
-        d = stats.seed_compare(a, b, n_boot, seed, c["statistic"])
         rows.append({"claim": c["claim"], "protocol": c["protocol"], "paper": c["paper"],
                      "here": f"{d['a']['estimate']:.2f} vs {d['b']['estimate']:.2f}", "difference": d["estimate"],
                      "seed-aware 95% CI": fmt_ci(*d["ci95_seeds"]),
@@ -223,11 +234,10 @@ def differences_table(collected: Collected, sizes: list[str], systems: list[str]
                 for a, b in PAIRS:
                     if a not in systems or b not in systems:
                         continue
-                    ra = collected.get("trained", size, a, protocol, metric)
-                    rb = collected.get("trained", size, b, protocol, metric)
-                    if not ra or not rb:
+                    d = collected.compare(("trained", size, a, protocol, metric), ("trained", size, b, protocol, metric),
+                                          "mean", n_boot, seed)
+                    if d is None:
                         continue
-                    d = stats.seed_compare(ra, rb, n_boot, seed)
                     rows.append({"size": size, "protocol": protocol, "metric": metric,
                                  "comparison": f"{LABEL[a]} - {LABEL[b]}", "difference": d["estimate"],
                                  **_intervals(d), "_numbers": d})
@@ -239,11 +249,12 @@ def variance_table(collected: Collected, sizes: list[str], n_boot: int, seed: in
     rows = []
     for protocol in collected.protocols:
         for size in sizes:
-            a, b = (collected.get("trained", size, s, protocol) for s in ("crate", "gpt"))
-            if not a or not b or _n_layers(collected, size, protocol) < 2:
+            if _n_layers(collected, size, protocol) < 2:
                 continue
-            raw = stats.seed_compare(a, b, n_boot, seed, "var")
-            d = stats.seed_compare(a, b, n_boot, seed, "var_corrected")
+            a, b = (("trained", size, s, protocol, "correlation") for s in ("crate", "gpt"))
+            raw, d = (collected.compare(a, b, statistic, n_boot, seed) for statistic in ("var", "var_corrected"))
+            if raw is None or d is None:
+                continue
             rows.append({"size": size, "protocol": protocol, "CRATE var": raw["a"]["estimate"],
                          "GPT var": raw["b"]["estimate"], "CRATE var corrected": d["a"]["estimate"],
                          "GPT var corrected": d["b"]["estimate"], "CRATE - GPT (corrected)": d["estimate"],
@@ -261,11 +272,10 @@ def controls_table(collected: Collected, sizes: list[str], systems: list[str], n
     for protocol in collected.protocols:
         for size in sizes:
             for system in systems:
-                ctrl = collected.get("control", size, system, protocol)
-                trained = collected.get("trained", size, system, protocol)
-                if not ctrl or not trained:
+                d = collected.compare(("trained", size, system, protocol, "correlation"),
+                                      ("control", size, system, protocol, "correlation"), "mean", n_boot, seed)
+                if d is None:
                     continue
-                d = stats.seed_compare(trained, ctrl, n_boot, seed)
                 rows.append({"size": size, "protocol": protocol, "system": LABEL[system],
                              "random init": d["b"]["estimate"], "random init 95% CI": fmt_ci(*d["b"]["ci95_seeds"]),
                              "trained": d["a"]["estimate"], "trained - random init": d["estimate"],
@@ -450,9 +460,8 @@ def write_study_report(out: Path, opts: Any, units: list[Any], timings: dict[str
     md.append(f"`{command or 'crate study'}` on {machine()}: {wall / 60:.1f} min of wall time with {jobs} runs at once "
               f"(summed over the invocations that computed something; per run in `timings.json`).")
     md += ["", f"Settings: {json.dumps(settings)}", ""]
-    md += ["Parameters: " + "; ".join(f"{u.size} CRATE {u.params['crate']:,} (n_hidden "
-                                      f"{u.recipes['crate']['model'].get('n_hidden', 4 * _embd(u))}) vs GPT {u.params['gpt']:,}"
-                                      for u in units if u.seed == seeds[0]), ""]
+    md += ["Parameters: " + "; ".join(f"{u.size} CRATE {u.params['crate']:,} (n_hidden {u.n_hidden['crate']}) vs GPT "
+                                      f"{u.params['gpt']:,}" for u in units if u.seed == seeds[0]), ""]
     for stem in ("verdicts", "systems", "differences", "layer_variance", "controls", "measures", "val_loss", "llm_sample"):
         t = tables[stem]
         if not t.rows:
@@ -469,15 +478,6 @@ def write_study_report(out: Path, opts: Any, units: list[Any], timings: dict[str
     print(tables["verdicts"].title)
     print(Table("", [c for c in verdicts.columns if c != "seeds"], _public(verdicts.rows)).to_markdown())
     return out / "index.md"
-
-
-def _embd(unit: Any) -> int:
-    from crate.config import PAPER_SIZES, TINY_SIZES
-
-    model = unit.recipes["crate"]["model"]
-    if "n_embd" in model:
-        return int(model["n_embd"])
-    return PAPER_SIZES[unit.size][2] if unit.size in PAPER_SIZES else TINY_SIZES[unit.size]["n_embd"]
 
 
 __all__ = ["write_study_report", "claims", "verdict_rows", "describe", "model_runs", "Collected"]
