@@ -13,7 +13,7 @@ import torch
 
 from crate import build_model
 from crate.errors import CrateError
-from crate.eval.backends import HFLLM, HTTPLLM, CachedLLM, prefix_groups
+from crate.eval.backends import HFLLM, HTTPLLM, CachedLLM, prefix_groups, token_batches
 from crate.eval.interpret import InterpretConfig, plan_interpret, run_interpret
 from crate.eval.prompts import DIGITS, detection_prompt, simulate_pieces
 from crate.eval.activations import Window
@@ -39,6 +39,38 @@ def test_prefix_groups_share_a_prefix_only_where_it_saves_tokens():
     # a prefix stops at the first slot: a's at token 1, b's at 5 (b and c then share 5 tokens)
     assert prefix_groups([a, b, c, d], [1, 5, 100, 100]) == [(5, [1, 2]), (0, [0, 3])]
     assert prefix_groups([], []) == []
+
+
+def _all_runs(n):
+    """Every split of rows 0..n-1 into consecutive runs."""
+    if n == 0:
+        yield []
+        return
+    for k in range(1, n + 1):
+        for rest in _all_runs(n - k):
+            yield [list(range(k))] + [[i + k for i in r] for r in rest]
+
+
+def test_token_batches_compute_the_fewest_padded_tokens_of_any_split():
+    def cost(runs, lengths, pass_cost):
+        return sum(len(r) * lengths[r[-1]] + pass_cost for r in runs)
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        lengths = sorted(int(x) for x in rng.integers(1, 60, size=int(rng.integers(1, 9))))
+        max_tokens, pass_cost = int(rng.integers(40, 200)), int(rng.integers(0, 40))
+        runs = token_batches(lengths, max_tokens, pass_cost)
+        assert [i for r in runs for i in r] == list(range(len(lengths)))
+        assert all(len(r) == 1 or len(r) * lengths[r[-1]] <= max_tokens for r in runs)
+        feasible = [s for s in _all_runs(len(lengths))
+                    if all(len(r) == 1 or len(r) * lengths[r[-1]] <= max_tokens for r in s)]
+        assert cost(runs, lengths, pass_cost) == min(cost(s, lengths, pass_cost) for s in feasible), (lengths, runs)
+    # a long tail is split off where the padding it saves is worth a pass: 4 x 10 + 1 x 100 (+ 2 passes of 20)
+    # instead of 5 x 100 (+ 1 pass)
+    assert token_batches([10, 10, 10, 10, 100], 1000, 20) == [[0, 1, 2, 3], [4]]
+    assert token_batches([10, 10, 12], 1000, 20) == [[0, 1, 2]]
+    with pytest.raises(ValueError, match="sorted"):
+        token_batches([3, 2], 100)
 
 
 def _brute_force(llm, pieces):
