@@ -5,7 +5,8 @@ For every neuron of the chosen layers (CRATE codes, GPT MLP hidden units, or any
 - the top `top_k` positions by activation, with the window of activations around each;
 - `n_random` seeded uniform-random positions (drawn per neuron from `seed` and the neuron index only, so
   every model with the same `n_tokens` gets the same positions: CRATE-vs-GPT comparisons are paired);
-- running moments (mean, variance, skewness, excess kurtosis, Pebay's parallel update in float64), the
+- running moments (mean, variance, skewness, excess kurtosis, Pebay's parallel update in float64;
+  on CUDA each batch's sums are float32 first), the
   activation frequency (> 0), L0 per token, the activation mass per token type (token selectivity), and a
   log2 histogram of the positive activations;
 

@@ -107,7 +107,8 @@ from crate.eval.scoring import balanced_accuracy, score_simulation
 from crate.eval.simulate import Explainer, Simulator, make_explainer, make_simulator, max_activation
 from crate.eval.stats import aggregate_ci, compare_models, layer_summary, model_aggregate, sample_neurons
 
-RESULTS_VERSION = 1
+# 2: a constant prediction of a varying neuron scores 0 (was NaN); fuzzing's wrong marks only on inactive tokens
+RESULTS_VERSION = 2
 
 
 @dataclass
@@ -339,13 +340,18 @@ def neuron_steps(windows: dict[str, Any], protocol: Protocol, seed: int = 0,
         if act:
             rng = random.Random(seed)
             marks_true = [[v >= 1 for v in normalise(true[i], m)] for i in act]
-            marks_false = []
-            for mk in marks_true:
-                k = sum(mk)
-                wrong = set(rng.sample(range(len(mk)), k=min(k, len(mk))))
-                marks_false.append([j in wrong for j in range(len(mk))])
-            requests.append(("simulator", "fuzz", (explanation, [tokens[i] for i in act] * 2, marks_true + marks_false)))
-            fuzz_labels = [True] * len(act) + [False] * len(act)
+            # the wrong marks fall on as many inactive tokens (as delphi draws them): marks that could land on active
+            # tokens would be, in part or wholly, right ones labelled wrong; a record with no inactive token has none
+            marks_false, wrong_of = [], []
+            for i, mk in zip(act, marks_true):
+                quiet = [j for j, on in enumerate(mk) if not on]
+                if quiet:
+                    wrong = set(rng.sample(quiet, k=min(sum(mk), len(quiet))))
+                    marks_false.append([j in wrong for j in range(len(mk))])
+                    wrong_of.append(i)
+            requests.append(("simulator", "fuzz", (explanation, [tokens[i] for i in act + wrong_of],
+                                                   marks_true + marks_false)))
+            fuzz_labels = [True] * len(act) + [False] * len(wrong_of)
     results = (yield requests) if requests else []
     expected = results[0] if score_recs else []
     out: dict[str, Any] = {

@@ -6,8 +6,8 @@
 - `token_selectivity`: median over live units of the share of positive activation mass on the 10 heaviest
   token types (1.0 = the unit fires on at most 10 token types), and of the effective number of token types
   exp(entropy of the mass distribution).
-- `top_random_ratio`: median over live units of mean activation over the tokens of the top records divided by the
-  mean over the tokens of the random records (the paper's "consistent and distinctive" claim as a number;
+- `top_random_ratio`: median over live units of mean positive part of the activation over the tokens of the top
+  records divided by that over the tokens of the random records (the paper's "consistent and distinctive" claim as a number;
   inf when the random records are all zero, counted in `top_random_ratio_inf`).
 """
 
@@ -35,7 +35,9 @@ def layer_measures(rec: LayerRecording, always_on_threshold: float = 0.99, top_r
     l0 = rec.l0_sum / n_tok
     l0_std = math.sqrt(max(rec.l0_sq_sum / n_tok - l0 * l0, 0.0))
     with np.errstate(divide="ignore", invalid="ignore"):
-        top = np.nanmean(rec.top_win[:top_records][:, sel], axis=(0, 2))
+        # both sides clipped at 0 (relu, as the prompts normalise): a GELU unit's negative values would otherwise
+        # lower the top side only
+        top = np.nanmean(np.clip(rec.top_win[:top_records][:, sel], 0, None), axis=(0, 2))
         rnd = np.nanmean(np.clip(rec.rand_win[:, sel], 0, None), axis=(0, 2))
         ratio = np.where(rnd > 0, top / rnd, np.where(top > 0, np.inf, np.nan))
     r_live = ratio[live]

@@ -1,10 +1,13 @@
 """Scores of a simulation against the true activations, all from plain lists so anyone can recompute them.
 
 - `pooled_correlation`: Pearson r over every token of every scoring record (SPEC.md section 6; the paper's
-  score, reported x100). NaN with a reason when either side is constant (a dead or constant neuron).
-- `rsquared` and `absolute_dev_explained`: true activations normalised to 0..10 by the neuron's maximum
-  (the same scale the simulator predicts on), then 1 - SS_res / SS_tot and 1 - sum|t - e| / sum|t - median t|.
-- `balanced_accuracy`: detection and fuzzing scores as EleutherAI's delphi defines them, (TPR + TNR) / 2.
+  score, reported x100). NaN with a reason when either side is constant; `score_simulation` scores a constant
+  prediction of a varying neuron 0 (no predictive power) and keeps NaN for a neuron constant on those tokens.
+- `rsquared` and `absolute_dev_explained`: 1 - SS_res / SS_tot and 1 - sum|t - e| / sum|t - median t|, on the
+  true activations rescaled to 0..10 by the neuron's maximum (the simulator's scale): not comparable with
+  neuron_explainer's, which use the raw activations.
+- `balanced_accuracy`: detection and fuzzing scores as EleutherAI's delphi computes them, (TPR + TNR) / 2 (the
+  samples are ours: crate.eval.interpret `neuron_steps`).
 """
 
 from __future__ import annotations
@@ -72,7 +75,14 @@ def balanced_accuracy(labels: Sequence[bool], predictions: Sequence[bool]) -> fl
 
 def score_simulation(true: Sequence[Sequence[float]], expected: Sequence[Sequence[float]],
                      max_activation: float) -> dict[str, float | str | None]:
+    """The neuron's scores. A constant prediction of a neuron that varies scores 0: the explanation predicts
+    nothing (an LLM's expected values are never exactly constant, the token-statistics simulator's are whenever
+    no listed token occurs); left out as NaN, such neurons would lift the layer mean. Only a neuron constant on
+    the scoring tokens (dead there) stays NaN."""
     r, note = pooled_correlation(true, expected)
+    t = _flat(true)
+    if math.isnan(r) and len(t) >= 2 and np.ptp(t) > 0:
+        r, note = 0.0, note.replace("correlation undefined", "it predicts nothing, scored 0")
     return {
         "score": r,
         "score_x100": r * 100 if math.isfinite(r) else math.nan,

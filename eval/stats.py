@@ -220,7 +220,8 @@ def seed_bootstrap(runs: Sequence[Mapping[str, Sequence[float]]], n_boot: int = 
 
     Estimate: the mean over seeds of each model's statistic (`model_statistic`). Each replicate draws as many
     seeds as there are, with replacement (`resample_seeds`; else every seed once), and for every draw resamples the
-    neurons of each layer with replacement; the replicate is the mean of the drawn models' statistics. Returns
+    neurons of each layer with replacement; the replicate is the mean of the drawn models' statistics (for the
+    variances, less what the resampling of neurons adds to them, so that the replicates centre on the estimate). Returns
     {"estimate", "ci95" (percentile), "boots", "per_seed", "n_seeds"}. With few seeds the percentile interval
     over seeds covers less than it says (the seed-level draws take few distinct values): `seed_compare` reads
     verdicts from t intervals."""
@@ -232,7 +233,10 @@ def seed_bootstrap(runs: Sequence[Mapping[str, Sequence[float]]], n_boot: int = 
                 "per_seed": [], "n_seeds": 0}
     n_seeds = len(clean)
     per_seed = [model_statistic(run, statistic) for run in clean]
-    shift = [_noise(run) if statistic == "var_corrected" else 0.0 for run in clean]
+    # resampling a layer's neurons adds the neuron-sampling noise to its mean once more, so a replicate's variance
+    # of layer means sits _noise above its seed's (measured) one: taken off, the replicates centre on the estimate
+    # (the corrected variance takes it off once more, as model_statistic does)
+    shift = [0.0 if statistic == "mean" else _noise(run) * (2 if statistic == "var_corrected" else 1) for run in clean]
     rng = np.random.default_rng(seed)
     boots = np.zeros(n_boot)
     for slot in range(n_seeds):

@@ -40,6 +40,11 @@ def test_constant_or_zero_neurons_give_nan_with_a_reason():
     assert math.isnan(r) and "simulator" in note
     s = score_simulation([[0, 0]], [[1, 2]], 0.0)
     assert math.isnan(s["score"]) and math.isnan(s["rsquared"]) and s["score_note"]
+    # a constant prediction of a neuron that varies predicts nothing: 0, not a NaN that the layer mean would skip
+    s = score_simulation([[0, 1], [0, 2]], [[3, 3], [3, 3]], 2.0)
+    assert s["score"] == 0.0 and s["score_x100"] == 0.0 and "predicts nothing" in s["score_note"]
+    # t scaled to 0, 5, 0, 10 (mean 3.75) against 3 everywhere
+    assert s["rsquared"] == pytest.approx(1 - (9 + 4 + 9 + 49) / (3.75**2 + 1.25**2 + 3.75**2 + 6.25**2))
 
 
 def test_rsquared_absdev_and_balanced_accuracy_hand_computed():
@@ -99,6 +104,40 @@ def test_stats_backend_scores_a_token_detector_perfectly():
     # the line's lists recompute its score
     r, _ = pooled_correlation(res["true_activations"], res["expected_activations"])
     assert r == pytest.approx(res["score"])
+
+
+class _Judge:
+    """Answers every fuzzing prompt "Yes" exactly when its marks are the true ones; records what it was shown."""
+
+    identity = {"kind": "judge"}
+
+    def __init__(self, true_marks):
+        self.true_marks, self.shown = true_marks, []
+
+    def simulate(self, explanation, token_lists):
+        return [[0.0] * len(t) for t in token_lists]
+
+    def detect(self, explanation, token_lists):
+        return [1.0] * len(token_lists)
+
+    def fuzz(self, explanation, token_lists, marks):
+        self.shown = [list(m) for m in marks]
+        return [1.0 if list(m) in self.true_marks else 0.0 for m in marks]
+
+
+def test_fuzzing_marks_wrong_tokens_only_among_inactive_ones():
+    # records where the neuron fires on 3 of 4 tokens, and one where it fires on all 4: the wrong marks must fall on
+    # inactive tokens (the one there is), and the all-active record has no wrong version; a judge that knows the
+    # true marks then scores 1 (with wrong marks drawn anywhere, some would equal the true ones: a perfect judge
+    # would fall below 1)
+    top = [_w("abcd", [9.0, 8.0, 0.0, 7.0], f"top:{i}") for i in range(9)] + [_w("abcd", [9.0] * 4, "top:9")]
+    rnd = [_w("abcd", [0.0] * 4, f"random:{i}") for i in range(10)]
+    true_marks = [[True, True, False, True], [True] * 4]
+    judge = _Judge(true_marks)
+    res = score_neuron({"top": top, "random": rnd, "quantile": []}, get_protocol("tar"), StatsExplainer(), judge)
+    wrong = [m for m in judge.shown if m not in true_marks]
+    assert len(judge.shown) == 5 + 4 and wrong == [[False, False, True, False]] * 4  # top #1, 3, 5, 7 have one
+    assert res["fuzzing"] == pytest.approx(1.0)
 
 
 def test_dead_neuron_is_reported_not_crashing():

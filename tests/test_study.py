@@ -90,6 +90,19 @@ def test_corrected_layer_variance_removes_what_neuron_sampling_adds():
     assert np.mean(corrected) == pytest.approx(0.25, abs=0.03)
 
 
+def test_bootstrap_of_layer_variances_centres_on_the_estimate():
+    # resampling neurons adds their sampling noise to each layer mean again: uncorrected, the replicates of either
+    # variance would sit about one noise term (here (L - 1) / L^2 * 2 * 9 / 64 = 0.07) above the estimate
+    rng = np.random.default_rng(12)
+    runs = [{"0": rng.normal(0, 3, 64), "1": rng.normal(0.5, 3, 64)} for _ in range(3)]
+    noise = np.mean([stats._noise([np.asarray(v) for v in r.values()]) for r in runs])
+    assert noise == pytest.approx(0.07, rel=0.25)
+    for statistic in ("var", "var_corrected"):
+        for resample_seeds in (True, False):
+            b = stats.seed_bootstrap(runs, n_boot=20000, seed=13, statistic=statistic, resample_seeds=resample_seeds)
+            assert b["boots"].mean() == pytest.approx(b["estimate"], abs=0.15 * noise), (statistic, resample_seeds)
+
+
 def test_seed_compare_resamples_the_systems_apart():
     rng = np.random.default_rng(5)
     a = [{"0": rng.normal(m, 1, 30), "1": rng.normal(m, 1, 20)} for m in (1.0, 1.5, 3.0)]
