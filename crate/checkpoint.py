@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,10 @@ def _read_safetensors(file: Path) -> dict[str, Tensor]:
 def load_state(model: LanguageModel, state: dict[str, Tensor]) -> None:
     """Copy `state` into `model`, naming every missing, unexpected or mis-shaped key on mismatch."""
     state = {k.removeprefix(COMPILE_PREFIX): v for k, v in state.items()}
-    state.pop(TIED, None)  # tied to transformer.wte.weight
+    head, wte = state.pop(TIED, None), state.get("transformer.wte.weight")
+    if head is not None and wte is not None and not (head.shape == wte.shape and torch.equal(head, wte)):
+        raise CheckpointError(f"{TIED} differs from transformer.wte.weight: our models tie the output head to the "
+                              f"token embedding, so this checkpoint (an untied or fine-tuned head) cannot load as one")
     expected = {k: v for k, v in model.state_dict().items() if k != TIED}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -254,9 +258,14 @@ def _config_from_state(state: dict[str, Tensor], args: dict[str, Any], overrides
         arch=arch, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab, n_hidden=hidden, bias=bias,
         block_size=state[wpe].shape[0], n_head=args.get("n_head"),
     )
-    if arch == "gpt":
-        # nanoGPT with biases is GPT-2 (GELU); the paper's bias-free baseline uses ReLU (SPEC.md section 2).
+    if arch == "gpt" and "activation" not in overrides:
+        # nanoGPT with biases is GPT-2 (GELU); the paper's bias-free baseline uses ReLU (SPEC.md section 2). The file
+        # does not say which: nanoGPT's own bias-free runs use GELU, so the guess is said
         fields["activation"] = "gelu" if bias else "relu"
+        warnings.warn(f"a nanoGPT GPT checkpoint does not record its MLP activation; assuming "
+                      f"{fields['activation']} ({'with biases: GPT-2' if bias else 'bias-free: the paper baseline'}). "
+                      f"Pass activation='relu' or 'gelu' (tanh approximation) to crate.load to say which",
+                      stacklevel=3)
     fields["dropout"] = args.get("dropout", 0.0)
     if fields["n_head"] is None and "n_head" not in overrides:
         raise CheckpointError("model_args does not give n_head: pass it, e.g. crate.load(path, n_head=12)")

@@ -5,12 +5,14 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 import crate
 from crate.checkpoint import read_info
+from crate.errors import CheckpointError
 from crate.cli import main as cli
 
 transformers = pytest.importorskip("transformers", reason="pip install -e '.[test]' installs transformers")
@@ -98,10 +100,19 @@ def test_nanogpt_gelu_checkpoint_is_detected_as_gpt2(tmp_path):
     for i in range(model.config.n_layer):  # old nanoGPT saves the causal mask buffer
         ck["model"][f"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 128, 128).tril()
     torch.save(ck, tmp_path / "ckpt.pt")
-    loaded = crate.load(tmp_path / "ckpt.pt")
+    with pytest.warns(UserWarning, match="assuming gelu"):  # the file does not record it: the guess is said
+        loaded = crate.load(tmp_path / "ckpt.pt")
     assert loaded.config.activation == "gelu" and loaded.config.bias
     idx = tokens(model)
     assert torch.equal(loaded(idx), model(idx))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert crate.load(tmp_path / "ckpt.pt", activation="relu").config.activation == "relu"  # said: no guess
+    # an untied output head cannot load into a tied model: refused, not replaced by the embedding
+    ck["model"]["lm_head.weight"] = ck["model"]["transformer.wte.weight"] + 1.0
+    torch.save(ck, tmp_path / "untied.pt")
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from transformer.wte.weight"):
+        crate.load(tmp_path / "untied.pt", activation="gelu")
 
 
 class Evil:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from crate.train import data as D
-from crate.train.corpus import DataError, clean_markdown
+from crate.train.corpus import DataError, clean_markdown, documents
 from crate.train.datamodule import StepSampler, TokenStream, WindowDataset, positions
 from crate.train.tokenizer import gpt2_tokenizer, padded_vocab
 
@@ -29,8 +29,17 @@ def test_manifest_and_split(small_data: Path) -> None:
     assert isinstance(train, np.memmap) and not train.flags.writeable
     assert len(train) == m["tokens"]["train"] > 3 * len(val) > 0
     assert int(train.max()) < 300
-    # three documents, each ends with <|endoftext|>
-    assert int((train == m["eot_id"]).sum() + (val == m["eot_id"]).sum()) == 3
+    # every run of a document's pieces in one split ends with <|endoftext|>: at least one per document, and
+    # every text between two of them is one stretch of one document (no unrelated text joined without a boundary)
+    assert int((train == m["eot_id"]).sum() + (val == m["eot_id"]).sum()) > 3
+    tok = D.load_tokenizer(small_data)
+    docs = [d for _, d in zip(range(3), documents("embedded"))]
+    for split in (train, val):
+        ends = np.flatnonzero(np.asarray(split) == m["eot_id"])
+        assert ends[-1] == len(split) - 1
+        for a, b in zip(np.r_[-1, ends[:-1]] + 1, ends):
+            stretch = tok.decode(split[a:b].tolist())
+            assert stretch and any(stretch in d for d in docs), stretch[:80]
     tok = D.load_tokenizer(small_data)
     text = tok.decode(train[:200].tolist())
     assert "A Midsummer Night's Dream" in text and "**" not in text and "THESEUS:" in text
@@ -94,6 +103,12 @@ def test_resume_after_interruption(small_data: Path, tmp_path: Path, monkeypatch
     with pytest.raises(DataError, match=r"other inputs \(seed: 0 -> 5; vocab_size: 300 -> 310\): pass --overwrite"):
         D.prepare("embedded", tmp_path / "int", **{**kw, "seed": 5, "vocab_size": 310})
     assert D.prepare("embedded", tmp_path / "int", **{**kw, "shard_tokens": 10_000}) == resumed  # layout only
+    # a folder prepared before the pieces' runs were marked (its manifest does not record pieces_version) is refused
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    del manifest["args"]["pieces_version"]
+    (resumed / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"other inputs \(pieces_version: 1 -> 2\)"):
+        D.prepare("embedded", tmp_path / "int", **kw)
 
 
 def test_interrupted_between_the_snapshot_files(small_data: Path, tmp_path: Path, monkeypatch) -> None:
@@ -204,8 +219,23 @@ def test_pieces_cut_at_the_coarsest_boundary_and_concatenate_back() -> None:
     assert "".join(pieces) == text and all(len(p) <= 102 for p in pieces)
     assert pieces[0] == "A line of verse.\n" * 5  # a paragraph too long: cut at line breaks
     assert D._pieces("\n\n".join(["short"] * 4), 18) == ["short\n\nshort\n\n", "short\n\nshort"]  # paragraphs fit
-    assert "One sentence. " * 7 in pieces  # no line breaks: at sentence ends
+    assert "One sentence." + " One sentence." * 6 in pieces  # no line breaks: at sentence ends, the space kept
     assert "x" * 100 in pieces  # no boundary at all: by length
+    # a cut at a space leaves it with the next word: GPT-2's tokens of the pieces are those of the whole text
+    gpt2 = gpt2_tokenizer()
+    words = "Now is the winter of our discontent, made glorious summer by this sun of York. " * 12
+    cut = D._pieces(words, 100)
+    assert len(cut) > 5 and "".join(cut) == words and all(p.startswith(" ") for p in cut[1:])
+    assert sum((gpt2.encode(p).ids for p in cut), []) == gpt2.encode(words).ids
+
+
+def test_endoftext_inside_a_document_is_text_not_a_boundary(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("The token <|endoftext|> is how GPT-2 ends a document. " * 40)
+    out = D.prepare(str(tmp_path / "a.txt"), tmp_path / "d", tokenizer="gpt2", val_fraction=0.0, num_proc=1,
+                    progress=False)
+    train = np.asarray(D.open_split(out, "train"))
+    assert np.flatnonzero(train == 50256).tolist() == [len(train) - 1]  # the one the document's end adds
+    assert D.load_tokenizer(out).decode(train[:-1].tolist()) == (tmp_path / "a.txt").read_text()
 
 
 def test_validation_fraction_holds_without_blank_lines(tmp_path: Path) -> None:

@@ -180,6 +180,14 @@ def test_mismatched_resume_bad_shards_eval_export(data_dir: Path, tmp_path: Path
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert out[0]["loss"] == pytest.approx(out[1]["loss"], rel=1e-6) and out[0]["tokens"] == 4 * 8 * 32
     assert main(["eval", "--checkpoint", str(tmp_path / "exp"), "--data", str(other)]) == 2  # other tokenizer: clean error
+    # a training checkpoint that lacks a weight is refused, naming it (not evaluated with that weight random)
+    state = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)
+    lost = next(k for k in state["state_dict"] if k.endswith("ln_f.weight"))
+    del state["state_dict"][lost]
+    torch.save(state, tmp_path / "lost.ckpt")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "lost.ckpt"), "--data", str(data_dir)]) == 2
+    assert "missing keys ['transformer.ln_f.weight']" in capsys.readouterr().err
     # a corrupted shard stops the run before training starts
     import shutil
 

@@ -45,7 +45,10 @@ __all__ = [
     "validate_data", "token_dtype", "prepare_args", "input_differences", "check_out_dir",
 ]
 LAYOUT_KEYS = ("shard_tokens",)  # how the tokens are cut into files, not which tokens: a finished folder is reused
-ARG_DEFAULTS = {"encoding": "utf-8"}  # inputs that manifests of earlier versions did not record
+ARG_DEFAULTS = {"encoding": "utf-8", "pieces_version": 1}  # inputs that manifests of earlier versions did not record
+# how documents become token streams: 2 marks every run of a document's pieces in a split with <|endoftext|>, keeps
+# a cut's space with the next word, and encodes "<|endoftext|>" inside a text as text (1: none of these)
+PIECES_VERSION = 2
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -158,27 +161,31 @@ SEPARATORS = ("\n\n", "\n", ". ", " ")  # paragraph, line, sentence, word
 
 def _pieces(text: str, piece_chars: int, separators: tuple[str, ...] = SEPARATORS) -> list[str]:
     """Cut a document into pieces of at most about `piece_chars` characters that concatenate back to it: at
-    paragraph breaks, and a paragraph longer than that at line breaks, then sentence ends, then spaces."""
+    paragraph breaks, and a paragraph longer than that at line breaks, then sentence ends, then spaces. A cut at
+    a space leaves the space at the start of the next piece, where GPT-2's BPE puts it (" word" is one token;
+    "word " then "word" would be two tokens that the whole text never gives)."""
     if len(text) <= piece_chars:
         return [text]
     if not separators:
         return [text[i : i + piece_chars] for i in range(0, len(text), piece_chars)]
     sep, finer = separators[0], separators[1:]
+    keep, carry = (sep[:-1], " ") if sep.endswith(" ") else (sep, "")  # the end of a piece, the next one's start
     parts = text.split(sep)
     out, cur = [], ""
     for i, part in enumerate(parts):
-        tail = sep if i < len(parts) - 1 else ""
-        if len(part) > piece_chars:
+        head = carry if i > 0 else ""
+        tail = keep if i < len(parts) - 1 else ""
+        if len(head + part) > piece_chars:
             if cur:
                 out.append(cur)
-            out += _pieces(part, piece_chars, finer)
+            out += _pieces(head + part, piece_chars, finer)
             out[-1] += tail
             cur = ""
             continue
-        if cur and len(cur) + len(part) > piece_chars:
+        if cur and len(cur) + len(head + part) > piece_chars:
             out.append(cur)
             cur = ""
-        cur += part + tail
+        cur += head + part + tail
     if cur:
         out.append(cur)
     return out
@@ -189,8 +196,10 @@ def _is_val(seed: int, doc: int, piece: int, val_fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < val_fraction
 
 
-def _stream(source: str, args: dict[str, Any]) -> Iterator[tuple[int, str, bool]]:
-    """(split index 0=train 1=val, text, ends a document) for every piece of every document, in order."""
+def _stream(source: str, args: dict[str, Any]) -> Iterator[tuple[int, str, bool, bool]]:
+    """(split index 0=train 1=val, text, ends a document, ends a run) for every piece of every document, in order.
+    A run is a document's consecutive pieces that go to the same split: <|endoftext|> follows each, so that a split
+    never joins text that does not follow in its source without a boundary."""
     docs = documents(source, text_field=args["text_field"], hf_split=args["hf_split"], hf_config=args["hf_config"],
                      encoding=args["encoding"])
     index, any_val = 0, False
@@ -198,21 +207,30 @@ def _stream(source: str, args: dict[str, Any]) -> Iterator[tuple[int, str, bool]
         if args["max_documents"] is not None and d >= args["max_documents"]:
             return
         pieces = _pieces(text, args["piece_chars"])
-        for p, piece in enumerate(pieces):
+        splits = []
+        for p in range(len(pieces)):
             val = _is_val(args["seed"], d, p, args["val_fraction"]) or (index == 1 and not any_val and args["val_fraction"] > 0)
             any_val, index = any_val or val, index + 1
-            yield int(val), piece, p == len(pieces) - 1
+            splits.append(int(val))
+        for p, (split, piece) in enumerate(zip(splits, pieces)):
+            last = p == len(pieces) - 1
+            yield split, piece, last, last or splits[p + 1] != split
 
 
 _WORKER_TOKENIZER: Any = None
 
 
 def _init_worker(tokenizer_json: str) -> None:
+    """The tokenizer without its special tokens: `tokenizers` matches them inside the text even without
+    add_special_tokens, so a document that quotes "<|endoftext|>" would get a document boundary in its middle
+    (nanoGPT's `encode_ordinary` encodes it as text, as this does); the boundaries are appended by id."""
     global _WORKER_TOKENIZER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
-    _WORKER_TOKENIZER = Tokenizer.from_str(tokenizer_json)
+    spec = json.loads(tokenizer_json)
+    spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if not t.get("special")]
+    _WORKER_TOKENIZER = Tokenizer.from_str(json.dumps(spec))
 
 
 def _init_pool_worker(tokenizer_json: str) -> None:
@@ -224,7 +242,7 @@ def _encode(texts: list[str]) -> list[list[int]]:
     return [e.ids for e in _WORKER_TOKENIZER.encode_batch(texts, add_special_tokens=False)]
 
 
-def _batches(items: Iterator[tuple[int, str, bool]], chars: int) -> Iterator[list[tuple[int, str, bool]]]:
+def _batches(items: Iterator[tuple[int, str, bool, bool]], chars: int) -> Iterator[list[tuple[int, str, bool, bool]]]:
     batch, size = [], 0
     for item in items:
         batch.append(item)
@@ -300,7 +318,7 @@ def prepare_args(source: str, *, tokenizer: str = "bpe", vocab_size: int = 512, 
         tokenizer=tokenizer, vocab_size=vocab_size if tokenizer == "bpe" else None, val_fraction=val_fraction,
         seed=seed, text_field=text_field, hf_split=hf_split, hf_config=hf_config, max_documents=max_documents,
         shard_tokens=shard_tokens, piece_chars=piece_chars, bpe_train_chars=bpe_train_chars if tokenizer == "bpe" else None,
-        encoding=encoding,
+        encoding=encoding, pieces_version=PIECES_VERSION,
     )
 
 
@@ -414,7 +432,7 @@ def prepare(
     else:
         def train_texts() -> Iterator[str]:
             n = 0
-            for split, text, _ in _stream(source, args):
+            for split, text, *_ in _stream(source, args):
                 if split == 0:
                     yield text
                     n += len(text)
@@ -435,7 +453,7 @@ def prepare(
     counts = state.get("counts", [0, 0])
     nproc = max(1, num_proc if num_proc is not None else min(8, os.cpu_count() or 1))
 
-    def stream() -> Iterator[tuple[int, str, bool]]:
+    def stream() -> Iterator[tuple[int, str, bool, bool]]:
         for i, item in enumerate(_stream(source, args)):
             if i >= pieces_done:
                 yield item
@@ -461,10 +479,10 @@ def prepare(
         task = bar.add_task("tokenizing")
         try:
             for batch in encoded:
-                for split, ids, ends_doc in batch:
-                    if ends_doc:
+                for split, ids, ends_doc, ends_run in batch:
+                    if ends_run:
                         ids.append(eot)
-                        docs_done += 1
+                    docs_done += ends_doc
                     arr = np.asarray(ids, dtype=dtype)
                     writers[split].add(arr)
                     counts[split] += len(arr)
@@ -507,9 +525,9 @@ def prepare(
     return out
 
 
-def _encode_items(batch: list[tuple[int, str, bool]]) -> list[tuple[int, list[int], bool]]:
-    ids = _encode([text for _, text, _ in batch])
-    return [(split, i, end) for (split, _, end), i in zip(batch, ids)]
+def _encode_items(batch: list[tuple[int, str, bool, bool]]) -> list[tuple[int, list[int], bool, bool]]:
+    ids = _encode([item[1] for item in batch])
+    return [(split, i, *ends) for (split, _, *ends), i in zip(batch, ids)]
 
 
 def remove_prepared(data_dir: str | Path) -> None:

@@ -23,14 +23,11 @@ def load_any(checkpoint: str | Path, map_location: str = "cpu") -> tuple[Any, di
     """(model in eval mode, tokenizer identity or None) from any checkpoint we know."""
     path = Path(checkpoint)
     if path.suffix == ".ckpt":
-        from crate.config import ModelConfig
-        from crate.model import LanguageModel
-        from crate.train.run import read_checkpoint_identity
+        from crate.train.run import model_from_state, read_checkpoint_identity
 
         state = read_checkpoint_identity(path)
-        model = LanguageModel(ModelConfig.from_dict(state["crate"]["model"]))
-        sd = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
-        model.load_state_dict(sd, strict=False)
+        # every weight must be there (missing, unexpected and mis-shaped keys are refused, naming them)
+        model = model_from_state(state["crate"]["model"], state["state_dict"])
         return model.eval().to(map_location), state["crate"].get("tokenizer")
     import crate
 
