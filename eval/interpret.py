@@ -88,7 +88,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -680,7 +680,7 @@ def execute_plan(plan: InterpretPlan) -> dict[str, Any]:
         per_layer = _score_layers(recs, plan, progress)
     finally:
         progress.close()
-    summary = summarise(recs, per_layer, plan.model.config.n_layer, cfg, plan.neurons)
+    summary = summarise(recs, per_layer, plan.model.config.n_layer, cfg, plan.neurons, _excluded(plan.model, cfg))
     summary["provenance"] = plan.provenance
     summary["seconds"] = time.perf_counter() - plan.t_start
     _write_json(out / "summary.json", summary)
@@ -793,12 +793,22 @@ def _cache_note(plan: InterpretPlan) -> str:
 
 
 
+def _excluded(model: Any, cfg: InterpretConfig) -> Callable[[str], int]:
+    """How many units of a layer a sampled (or whole) selection leaves out by design: an SAE's dead latents; none
+    when the neurons are listed."""
+    listed = isinstance(cfg.neurons, (list, tuple))
+    return lambda name: 0 if listed else len(getattr(model, "excluded_neurons", lambda _n: [])(name))
+
+
 def summarise(recs: dict[str, LayerRecording], per_layer: dict[str, dict[int, float]], n_layer: int,
-              cfg: InterpretConfig, neurons: dict[str, list[int]]) -> dict[str, Any]:
+              cfg: InterpretConfig, neurons: dict[str, list[int]],
+              excluded: Callable[[str], int] = lambda _name: 0) -> dict[str, Any]:
+    """Per layer the scores' summary over the units the selection was drawn from (`excluded` left out, so the
+    finite-population correction collapses when every live SAE latent is scored); per model the aggregate."""
     layers: dict[str, Any] = {}
     for name, rec in recs.items():
         scores = [per_layer.get(name, {}).get(n, math.nan) for n in neurons[name]]
-        s = layer_summary(scores, n_total=rec.n_neurons, n_boot=cfg.n_boot, seed=cfg.seed)
+        s = layer_summary(scores, n_total=rec.n_neurons - excluded(name), n_boot=cfg.n_boot, seed=cfg.seed)
         s["measures"] = layer_measures(rec)
         layers[name] = s
     agg = model_aggregate({k: v["mean"] for k, v in layers.items() if k.isdigit()}, n_layer, cfg.exclude_last)

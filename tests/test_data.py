@@ -361,10 +361,14 @@ def test_ctrl_c_in_a_real_crate_prepare(tmp_path: Path) -> None:
                     assert proc.poll() is None, proc.communicate()
                     time.sleep(0.01)
                 os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does: to the tokenizer workers too
+                try:  # the input stays open while the interrupt is handled: its end must not race the signal
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
         stdout, stderr = proc.communicate(timeout=120)
         return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
-    first = run(records[: len(records) // 2], interrupt=True)
+    first = run(records[: records.index("\n", len(records) // 2) + 1], interrupt=True)  # whole lines
     assert first.returncode == 130, first.stderr
     assert "Traceback" not in first.stderr and "ForkPoolWorker" not in first.stderr  # the workers stay quiet
     assert not (out / "manifest.json").exists()

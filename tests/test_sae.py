@@ -4,6 +4,7 @@ independently re-derived values, resampling, and SAE latents through the interpr
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -211,6 +212,12 @@ def test_latents_through_the_interpret_pipeline(prepared, tmp_path):
     chosen = [str(json.loads(line)["neuron"]) for line in tar_lines]
     assert len(chosen) == 6 and not set(map(int, chosen)) & set(dead)  # dead latents left out of the sample
     assert sorted(short["scores"]["0"], key=int) == chosen  # the same seeded sample under another protocol
+    # the sample is one of the 16 live latents, so the finite-population correction is over 16, not 256
+    layer = json.loads((tmp_path / "gpt-sae" / "summary.json").read_text())["layers"]["0"]
+    assert layer["n_total"] == 16 and layer["n_scored"] == 6
+    f = math.sqrt((16 - 6) / 15)
+    assert layer["ci95_fpc"] == pytest.approx([layer["mean"] - (layer["mean"] - layer["ci95"][0]) * f,
+                                               layer["mean"] + (layer["ci95"][1] - layer["mean"]) * f])
     prov = s["provenance"]
     assert prov["gpt-sae"]["model"]["weights_fingerprint"] != prov["gpt"]["model"]["weights_fingerprint"]
     assert prov["gpt-sae"]["model"]["sae"]["0"]["d_sae"] == 256
