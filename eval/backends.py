@@ -254,10 +254,30 @@ class HFLLM:
     def generate(self, prompt: str, *, max_new_tokens: int = 60, temperature: float = 1.0, seed: int = 0,
                  until: Callable[[str], bool] | None = None) -> str:
         """`until(text so far)` true stops early: the tokens before are those of a run without it (same seed)."""
+        return self.generate_many([prompt], [seed], max_new_tokens=max_new_tokens, temperature=temperature,
+                                  until=until)[0]
+
+    def generate_many(self, prompts: Sequence[str], seeds: Sequence[int], *, max_new_tokens: int = 60,
+                      temperature: float = 1.0, until: Callable[[str], bool] | None = None) -> list[str]:
+        """One prompt at a time, each with its own seed (transformers samples a batch from one random generator, so
+        a batch would change the text a seed gives); the tokens that all the prompts start with (the explainer's
+        few-shot preamble) run once, and their KV cache is reused for each (`prefix_cache`)."""
+        ids = [self.tok(p)["input_ids"] for p in prompts]
+        plen = 0
+        if self.prefix_cache and len(ids) > 1:
+            limit = min(len(x) for x in ids) - 1  # every prompt keeps a token of its own to start generating from
+            while plen < limit and all(x[plen] == ids[0][plen] for x in ids):
+                plen += 1
+        past = self._prefix_cache(ids[0][:plen]) if plen else None
+        return [self._generate(x, seed, past, plen, max_new_tokens, temperature, until) for x, seed in zip(ids, seeds)]
+
+    def _generate(self, ids: list[int], seed: int, past: Any, plen: int, max_new_tokens: int, temperature: float,
+                  until: Callable[[str], bool] | None) -> str:
+        import copy
+
         import torch
 
-        enc = self.tok(prompt, return_tensors="pt").to(self.device)
-        n_in = enc["input_ids"].shape[1]
+        n_in = len(ids)
         stopping = None
         if until is not None:
             from transformers import StoppingCriteria, StoppingCriteriaList
@@ -270,16 +290,19 @@ class HFLLM:
                     return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
             stopping = StoppingCriteriaList([Until()])
+        kwargs: dict[str, Any] = {self._cache_arg: copy.deepcopy(past)} if past is not None else {}
         torch.manual_seed(seed)
         with torch.no_grad():
             out = self.model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                input_ids=torch.tensor([ids], device=self.device),
+                attention_mask=torch.ones((1, n_in), dtype=torch.long, device=self.device),
+                max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                 temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
                 pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id,
-                stopping_criteria=stopping,
+                stopping_criteria=stopping, **kwargs,
             )
-        self.tokens["prompt"] += n_in
-        self.tokens["padded"] += n_in
+        self.tokens["prompt"] += n_in - plen
+        self.tokens["padded"] += n_in - plen
         self.tokens["generated"] += out.shape[1] - n_in
         return self.tok.decode(out[0, n_in:], skip_special_tokens=True)
 
@@ -720,9 +743,8 @@ class CachedLLM:
 
 def generate_many(llm: LLM, prompts: Sequence[str], seeds: Sequence[int], *, max_new_tokens: int = 60,
                   temperature: float = 1.0, until: Callable[[str], bool] | None = None) -> list[str]:
-    """Many generations, each with its own seed: concurrent where the backend can (HTTP), else one at a time (the
-    in-process backend: transformers samples a batch from one random generator, so batching would change the
-    text a seed gives)."""
+    """Many generations, each with its own seed, through the backend's own `generate_many` where it has one (HTTP:
+    concurrent; in-process: one at a time over a shared prefix), else one `generate` at a time."""
     many = getattr(llm, "generate_many", None)
     if many is not None:
         return many(prompts, seeds, max_new_tokens=max_new_tokens, temperature=temperature, until=until)

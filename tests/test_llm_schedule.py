@@ -15,7 +15,7 @@ from crate import build_model
 from crate.errors import CrateError
 from crate.eval.backends import HFLLM, HTTPLLM, CachedLLM, prefix_groups, token_batches
 from crate.eval.interpret import InterpretConfig, plan_interpret, run_interpret
-from crate.eval.prompts import DIGITS, detection_prompt, simulate_pieces
+from crate.eval.prompts import DIGITS, detection_prompt, explain_prompt, simulate_pieces
 from crate.eval.activations import Window
 from crate.eval.simulate import LLMExplainer, LLMSimulator, StatsExplainer, StatsSimulator
 from test_backends_interp import JSONHandler, tiny_hf  # noqa: F401 - the fixture
@@ -104,6 +104,20 @@ def test_prefix_cache_gives_the_full_forward_with_fewer_tokens(tiny_hf):  # noqa
     preamble, question = len(os.path.commonprefix(texts[:8])), len(os.path.commonprefix(texts[8:]))
     assert preamble > 500 and question > 100
     assert new.tokens["prompt"] <= sum(map(len, texts)) - 7 * preamble - 3 * question
+
+
+def test_explanations_run_their_shared_preamble_once_and_keep_their_seeds(tiny_hf):  # noqa: F811
+    prompts = [explain_prompt([([" the", w, " sat"], [0, 10, 0])]) for w in (" cat", " dog", " owl")]
+    new = HFLLM(model=tiny_hf.model, tokenizer=tiny_hf.tok, device="cpu")
+    old = HFLLM(model=tiny_hf.model, tokenizer=tiny_hf.tok, device="cpu", prefix_cache=False)
+    got = new.generate_many(prompts, [1, 2, 3], max_new_tokens=12)
+    ref = old.generate_many(prompts, [1, 2, 3], max_new_tokens=12)
+    shared = len(os.path.commonprefix(prompts))  # one token per character
+    assert shared > 400 and old.tokens["prompt"] == sum(map(len, prompts))
+    assert new.tokens["prompt"] == old.tokens["prompt"] - 2 * shared
+    # the same text as each prompt alone with its seed (temperature 1: the seed decides the sample)
+    assert got == ref == [old.generate(p, max_new_tokens=12, seed=s) for p, s in zip(prompts, [1, 2, 3])]
+    assert len(set(got)) == 3
 
 
 # --------------------------------------------------------------------------------------------------------
