@@ -501,7 +501,7 @@ def _selection(model: Any, cfg: InterpretConfig) -> tuple[list[str], dict[str, l
         else:
             if cfg.neurons is not None and (not isinstance(cfg.neurons, int) or cfg.neurons <= 0):
                 raise CrateError(f"--neurons sample:N needs N >= 1, got {cfg.neurons!r}")
-            dead = set(getattr(model, "excluded_neurons", lambda _n: [])(name))  # an SAE's dead latents
+            dead = set(_excluded_units(model, name))
             live = [i for i in range(widths[name]) if i not in dead]
             neurons[name] = [live[i] for i in sample_neurons(len(live), cfg.neurons, cfg.seed, name)]
     return [name for name, _ in named], neurons
@@ -793,11 +793,15 @@ def _cache_note(plan: InterpretPlan) -> str:
 
 
 
+def _excluded_units(model: Any, name: str) -> list[int]:
+    """The units of layer `name` that a sampled (or whole) selection leaves out: an SAE's dead latents."""
+    return list(getattr(model, "excluded_neurons", lambda _n: [])(name))
+
+
 def _excluded(model: Any, cfg: InterpretConfig) -> Callable[[str], int]:
-    """How many units of a layer a sampled (or whole) selection leaves out by design: an SAE's dead latents; none
-    when the neurons are listed."""
+    """How many units of a layer the selection was not drawn from: `_excluded_units`, none when neurons are listed."""
     listed = isinstance(cfg.neurons, (list, tuple))
-    return lambda name: 0 if listed else len(getattr(model, "excluded_neurons", lambda _n: [])(name))
+    return lambda name: 0 if listed else len(_excluded_units(model, name))
 
 
 def summarise(recs: dict[str, LayerRecording], per_layer: dict[str, dict[int, float]], n_layer: int,

@@ -6,9 +6,9 @@
 - `token_selectivity`: median over live units of the share of positive activation mass on the 10 heaviest
   token types (1.0 = the unit fires on at most 10 token types), and of the effective number of token types
   exp(entropy of the mass distribution).
-- `top_random_ratio`: median over live units of mean positive part of the activation over the tokens of the top
-  records divided by that over the tokens of the random records (the paper's "consistent and distinctive" claim as a number;
-  inf when the random records are all zero, counted in `top_random_ratio_inf`).
+- `top_random_ratio`: median over live units of the mean positive part of the activation over the tokens of the
+  top records divided by that over the tokens of the random records (the paper's "consistent and distinctive"
+  claim as a number; inf when the random records are all zero, counted in `top_random_ratio_inf`).
 """
 
 from __future__ import annotations
