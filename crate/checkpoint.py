@@ -259,13 +259,14 @@ def _config_from_state(state: dict[str, Tensor], args: dict[str, Any], overrides
         block_size=state[wpe].shape[0], n_head=args.get("n_head"),
     )
     if arch == "gpt" and "activation" not in overrides:
-        # nanoGPT with biases is GPT-2 (GELU); the paper's bias-free baseline uses ReLU (SPEC.md section 2). The file
-        # does not say which: nanoGPT's own bias-free runs use GELU, so the guess is said
-        fields["activation"] = "gelu" if bias else "relu"
+        # nanoGPT computes nn.GELU() (erf) with or without biases; the paper's bias-free baseline uses ReLU (SPEC.md
+        # section 2). The file does not say which, so the guess is said
+        fields["activation"] = "gelu_exact" if bias else "relu"
+        why = "with biases: nanoGPT's nn.GELU()" if bias else "bias-free: the paper baseline"
         warnings.warn(f"a nanoGPT GPT checkpoint does not record its MLP activation; assuming "
-                      f"{fields['activation']} ({'with biases: GPT-2' if bias else 'bias-free: the paper baseline'}). "
-                      f"Pass activation='relu' or 'gelu' (tanh approximation) to crate.load to say which",
-                      stacklevel=3)
+                      f"{fields['activation']} ({why}). "
+                      f"Pass activation='relu', 'gelu' (tanh approximation, GPT-2) or 'gelu_exact' (erf, nanoGPT) "
+                      f"to crate.load (crate convert --activation) to say which", stacklevel=3)
     fields["dropout"] = args.get("dropout", 0.0)
     if fields["n_head"] is None and "n_head" not in overrides:
         raise CheckpointError("model_args does not give n_head: pass it, e.g. crate.load(path, n_head=12)")

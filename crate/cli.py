@@ -15,6 +15,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from crate.config import ACTIVATIONS
+
 SUBSYSTEMS = ("crate.train.cli", "crate.eval.cli", "crate.eval.report_cli", "crate.eval.sae_cli")
 
 
@@ -79,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert an authors'/nanoGPT .pt checkpoint into our format")
     p.add_argument("src", help="a .pt file (authors' release or nanoGPT) or one of our checkpoint directories")
     p.add_argument("dst", help="output checkpoint directory")
-    p.add_argument("--activation", choices=["relu", "gelu"], help="GPT only: the MLP activation, if the file does not say")
+    p.add_argument("--activation", choices=ACTIVATIONS,
+                   help="GPT only: the MLP activation, if the file does not say (gelu: tanh approximation, as GPT-2; "
+                        "gelu_exact: erf, as nanoGPT's nn.GELU())")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export-hf", help="export a checkpoint to transformers (CRATE: CrateForCausalLM, GPT: GPT2LMHeadModel)")

@@ -30,6 +30,9 @@ TINY_SIZES: dict[str, dict[str, int]] = {
 PRESETS: tuple[str, ...] = tuple(PAPER_SIZES) + tuple(TINY_SIZES)
 
 
+# GPT MLP activations (ModelConfig.activation)
+ACTIVATIONS = ("relu", "gelu", "gelu_exact")
+
 # How the ISTA codes are computed, not what they are: a run may resume or load under other values.
 IMPLEMENTATION_KEYS = ("ista_impl", "ista_recompute")
 
@@ -47,8 +50,9 @@ class ModelConfig:
     dropout: float = 0.0
     # Width of the ISTA dictionary (CRATE) or the MLP hidden layer (GPT); None means 4 * n_embd.
     n_hidden: int | None = None
-    # GPT only: "relu" is the paper's baseline, "gelu" (tanh approximation) is true GPT-2.
-    activation: Literal["relu", "gelu"] = "relu"
+    # GPT only: "relu" is the paper's baseline, "gelu" (tanh approximation) is true GPT-2, "gelu_exact" (erf) is
+    # nanoGPT's nn.GELU() and transformers' "gelu".
+    activation: Literal["relu", "gelu", "gelu_exact"] = "relu"
     # CRATE only.
     ista_steps: int = 2
     eta: float = 0.1
@@ -86,7 +90,8 @@ class ModelConfig:
             f"choose n_head among the divisors of n_embd",
         )
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        need(self.activation in ("relu", "gelu"), f"activation must be 'relu' or 'gelu', got {self.activation!r}")
+        need(self.activation in ACTIVATIONS,
+             f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {self.activation!r}")
         need(self.block in ("crate", "alpha"), f"block must be 'crate' or 'alpha', got {self.block!r}")
         need(
             self.ista_impl in ("auto", "triton", "torch"),

@@ -1,6 +1,7 @@
 """nanoGPT's pre-LN block, the paper's baseline (SPEC.md section 2).
 
-ReLU and no biases by default (the paper's runs); `activation="gelu", bias=True` gives true GPT-2.
+ReLU and no biases by default (the paper's runs); `activation="gelu", bias=True` gives true GPT-2 (tanh GELU),
+`activation="gelu_exact"` the erf GELU of nanoGPT's own runs.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from torch import Tensor, nn
 
 from crate.config import ModelConfig
 from crate.hooks import HookPoint
+
+
+# ModelConfig.activation -> module: "gelu" is GPT-2's tanh approximation, "gelu_exact" nanoGPT's nn.GELU() (erf)
+ACTIVATION_MODULES = {"relu": nn.ReLU, "gelu": lambda: nn.GELU(approximate="tanh"), "gelu_exact": nn.GELU}
 
 
 class CausalSelfAttention(nn.Module):
@@ -37,7 +42,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, cfg.n_hidden, bias=cfg.bias)
-        self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU(approximate="tanh")
+        self.act = ACTIVATION_MODULES[cfg.activation]()
         self.c_proj = nn.Linear(cfg.n_hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 

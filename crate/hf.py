@@ -34,8 +34,9 @@ EOT = "<|endoftext|>"
 # what transformers' config cannot say travels in the exported config.json under this key: our tokenizer
 # identity ({"name", "vocab_size", "sha256"}) and, for GPT, whether the (zero) biases are absent in our model
 OURS_KEY = "crate_lm"
-# HF activations that are our GELU (tanh approximation) or ReLU exactly
-GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
+# HF activations that are exactly one of ours (our "gelu" is the tanh approximation, "gelu_exact" the erf GELU)
+GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu": "relu"}
+HF_ACTIVATION = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
 CRATE_FIELDS = ("vocab_size", "block_size", "n_embd", "n_layer", "n_head", "n_hidden", "bias", "dropout",
                 "ista_steps", "eta", "lmbda", "learn_eta_lambda", "block", "ista_impl", "layer_norm_eps")
 
@@ -51,7 +52,7 @@ def gpt2_config(model: LanguageModel, eot: int | None = None):  # -> transformer
         bos_token_id=eot, eos_token_id=eot, vocab_size=cfg.vocab_size, n_positions=cfg.block_size,
         n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.n_hidden,
         layer_norm_epsilon=cfg.layer_norm_eps,
-        activation_function="gelu_new" if cfg.activation == "gelu" else "relu",
+        activation_function=HF_ACTIVATION[cfg.activation],
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
     )
 

@@ -94,15 +94,15 @@ def test_authors_format_loads_with_identical_logits(tmp_path, arch):
     assert torch.equal(crate.load(tmp_path / "converted")(idx), model(idx))
 
 
-def test_nanogpt_gelu_checkpoint_is_detected_as_gpt2(tmp_path):
-    model = crate.build_model("gpt", "tiny", bias=True, activation="gelu").eval()
+def test_nanogpt_checkpoint_with_biases_loads_with_nanogpts_erf_gelu(tmp_path):
+    model = crate.build_model("gpt", "tiny", bias=True, activation="gelu_exact").eval()
     ck = authors_checkpoint(model, prefix="")
     for i in range(model.config.n_layer):  # old nanoGPT saves the causal mask buffer
         ck["model"][f"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 128, 128).tril()
     torch.save(ck, tmp_path / "ckpt.pt")
-    with pytest.warns(UserWarning, match="assuming gelu"):  # the file does not record it: the guess is said
+    with pytest.warns(UserWarning, match="assuming gelu_exact"):  # the file does not record it: the guess is said
         loaded = crate.load(tmp_path / "ckpt.pt")
-    assert loaded.config.activation == "gelu" and loaded.config.bias
+    assert loaded.config.activation == "gelu_exact" and loaded.config.bias
     idx = tokens(model)
     assert torch.equal(loaded(idx), model(idx))
     with warnings.catch_warnings():

@@ -231,21 +231,25 @@ def test_import_crate_registers_lazily_without_importing_transformers():
 
 
 def random_gpt2(tmp_path, **cfg):
-    """A random Hugging Face GPT-2 (GELU, biases), its biases and LayerNorms off their init, saved to disk."""
+    """A random Hugging Face GPT-2 (GELU, biases), its biases and LayerNorms off their init and its MLP
+    pre-activations of order 1 (where the GELU variants differ by up to 5e-4), saved to disk."""
     config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, **cfg)
     hf = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if name.endswith("bias") or ".ln_" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            if name.endswith("mlp.c_fc.weight"):
+                p.mul_(30.0)
     hf.save_pretrained(tmp_path / "gpt2")
     return hf, tmp_path / "gpt2"
 
 
-def test_gpt2_from_transformers_loads_into_our_gpt_and_round_trips(tmp_path):
-    hf, path = random_gpt2(tmp_path)
+@pytest.mark.parametrize("hf_act,ours", [("gelu_new", "gelu"), ("gelu", "gelu_exact")])
+def test_gpt2_from_transformers_loads_into_our_gpt_and_round_trips(tmp_path, hf_act, ours):
+    hf, path = random_gpt2(tmp_path, activation_function=hf_act)
     model = crate.load(path)
-    assert (model.config.arch, model.config.activation, model.config.bias) == ("gpt", "gelu", True)
+    assert (model.config.arch, model.config.activation, model.config.bias) == ("gpt", ours, True)
     x = torch.randint(0, 96, (2, 20))
     with torch.no_grad():
         want = hf(x).logits
@@ -253,6 +257,7 @@ def test_gpt2_from_transformers_loads_into_our_gpt_and_round_trips(tmp_path):
     crate.save(model, tmp_path / "ours")
     assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "again")]) == 0
     again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "again").eval()
+    assert again.config.activation_function == {"gelu": "gelu_new", "gelu_exact": "gelu"}[ours]
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, want, rtol=1e-5, atol=1e-5)
     for k, v in hf.state_dict().items():
@@ -288,7 +293,7 @@ def test_hub_id_resolves_through_the_offline_cache(tmp_path, monkeypatch):
     assert "hf download crate-test/not-cached" in str(e.value)
 
 
-@pytest.mark.parametrize("cfg,match", [({"activation_function": "gelu"}, "no exact counterpart"),
+@pytest.mark.parametrize("cfg,match", [({"activation_function": "quick_gelu"}, "no exact counterpart"),
                                        ({"scale_attn_by_inverse_layer_idx": True}, "changes GPT-2's attention")])
 def test_gpt2_variants_we_cannot_express_are_refused(tmp_path, cfg, match):
     _, path = random_gpt2(tmp_path, **cfg)
