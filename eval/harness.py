@@ -4,13 +4,15 @@ The checkpoint is turned into its transformers class in memory (`CrateForCausalL
 export to disk) and handed to the harness's own `HFLM`. We chose HFLM over an `lm_eval` model class of our own:
 it already batches, truncates, rolls long documents into windows and generates, for every output type, and
 the transformers class gives our logits to float32 rounding, so a second implementation of that logic would
-only be a second place for bugs. The results JSON is the harness's `simple_evaluate` output, as `lm_eval
---output_path` writes it.
+only be a second place for bugs. The results JSON is written by the harness's own `EvaluationTracker`, as
+`lm_eval --model hf --model_args pretrained=<checkpoint> --output_path out.json [--log_samples]` writes it (the
+`simple_evaluate` output, `task_hashes` and the general config fields), but at exactly `out` instead of
+`out_<date>.json`; its per-sample files go beside it under the harness's names.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,7 @@ def run_harness(checkpoint: str | os.PathLike, tasks: list[str], out: str | os.P
         raise HarnessError(f"no tokenizer for {checkpoint}: lm-eval scores text, so pass --data DIR (the prepared "
                            f"data directory the model was trained on, which holds tokenizer.json)")
     from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
     from lm_eval.models.huggingface import HFLM
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,20 +77,38 @@ def run_harness(checkpoint: str | os.PathLike, tasks: list[str], out: str | os.P
               max_length=model.config.block_size, device=device)
     if limit is not None and limit >= 1:
         limit = int(limit)  # a count; below 1 the harness reads it as a fraction of each task
+    tracker = EvaluationTracker()  # its clock starts here, as in lm_eval's CLI
     results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                              num_fewshot=num_fewshot, log_samples=log_samples)
+                              num_fewshot=num_fewshot, log_samples=log_samples, evaluation_tracker=tracker)
+    # what lm_eval --model hf --model_args pretrained=<checkpoint> records (given a model object it says "CUSTOM")
+    tracker.general_config_tracker.log_experiment_args(
+        model_source="hf", model_args={"pretrained": str(checkpoint)}, system_instruction=None, chat_template=None,
+        fewshot_as_multiturn=False)
     if out is not None:
-        write_results(results, out)
+        write_results(results, out, tracker)
     return results
 
 
-def write_results(results: dict[str, Any], out: str | os.PathLike) -> Path:
-    from lm_eval.utils import handle_non_serializable
+def write_results(results: dict[str, Any], out: str | os.PathLike, tracker: Any) -> Path:
+    """`results` through `tracker`'s own save methods into a temporary folder beside `out`, then moved into place:
+    the results JSON to `out`, the per-sample files (when `results` has samples) beside it."""
+    import tempfile
 
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2,
-                               default=handle_non_serializable, ensure_ascii=False) + "\n")
+    samples = results.get("samples")
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lm_eval-") as tmp:
+        tracker.output_path = str(Path(tmp) / path.name)
+        tracker.save_results_aggregated(results={k: v for k, v in results.items() if k != "samples"},
+                                        samples=samples)
+        written = sorted(Path(tmp).glob("*.json"))
+        if len(written) != 1:  # the tracker logs its failures instead of raising them
+            raise HarnessError(f"lm-eval's EvaluationTracker did not write the results JSON for {out}")
+        for task, rows in (samples or {}).items():  # (the tracker rewrites the rows it saves: give it copies)
+            tracker.save_results_samples(task_name=task, samples=copy.deepcopy(rows))
+        for f in Path(tmp).glob("samples_*.jsonl"):
+            os.replace(f, path.parent / f.name)
+        os.replace(written[0], path)
     return path
 
 

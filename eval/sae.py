@@ -410,8 +410,9 @@ class SAEProbe(nn.Module):
         self.dead = sorted(int(i) for i in dead)
 
     def observe(self, x: Tensor) -> None:
-        if self.hook_latents._forward_hooks:  # encode only when someone reads the latents
-            self.hook_latents(self.sae.encode(x.float()))
+        # always: nnsight wraps the module's forward instead of registering hooks, so no test of the hooks can
+        # tell whether someone reads the latents
+        self.hook_latents(self.sae.encode(x.float()))
 
 
 class SAEModel(LanguageModel):
@@ -456,12 +457,18 @@ class SAEModel(LanguageModel):
                          "dead": len(self._probe(L).dead)} for L in self.sae_layers}
 
     def reset_parameters(self) -> None:
-        """The random-init control: the model's init and SAELens's init of every SAE."""
+        """The random-init control: the model's init, and every SAE as SAELens's training starts it (decoder rows of
+        norm `decoder_init_norm`, W_enc = W_dec^T; its inference classes' own init has rows of norm about sqrt 2)."""
+        from sae_lens.registry import get_sae_training_class
+
         super().reset_parameters()
         for L in getattr(self, "sae_layers", []):
             sae = self._probe(L).sae
-            fresh = type(sae)(sae.cfg).to(sae.W_dec.device)
-            sae.load_state_dict(fresh.state_dict())
+            cls, cfg_cls = get_sae_training_class(sae.cfg.architecture())
+            d = sae.cfg.to_dict()  # with the training settings the metadata records (decoder_init_norm among them)
+            d = {**d, **(d.get("metadata") or {}).get("training_architecture_details", {}), "device": str(sae.W_dec.device)}
+            fresh = cls(cfg_cls.from_dict(d))
+            sae.load_state_dict(_to_inference(fresh).state_dict())
 
     @contextlib.contextmanager
     def steer(self, layer: int, neuron: int, value: float) -> Iterator[None]:

@@ -72,6 +72,31 @@ def test_harness_loglikelihoods_equal_ours(checkpoint, tmp_path):
         torch.tensor(sum(doc_lls) / words).neg().exp().item(), rel=1e-4)
 
 
+def test_results_file_has_the_fields_lm_eval_writes(checkpoint, tmp_path):
+    """`lm_eval --output_path`'s file: simple_evaluate's dict without the samples, `task_hashes` (per task, the
+    hash of its samples' doc, prompt and target hashes) and every GeneralConfigTracker field; samples files beside."""
+    from dataclasses import fields
+
+    from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
+    from lm_eval.utils import hash_string
+
+    path, _, _ = checkpoint
+    out = tmp_path / "res" / "results.json"
+    res = run_harness(path, ["crate_tiny_cloze"], out, include_path=TASKS, device="cpu", limit=4, log_samples=True,
+                      builtin=False)
+    full = json.loads(out.read_text())
+    assert set(full) == (set(res) - {"samples"}) | {"task_hashes"} | {f.name for f in fields(GeneralConfigTracker)}
+    assert (full["model_source"], full["model_name"]) == ("hf", str(path))
+    assert float(full["total_evaluation_time_seconds"]) > 0
+    rows = res["samples"]["crate_tiny_cloze"]
+    assert full["task_hashes"] == {"crate_tiny_cloze": hash_string(
+        "".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"] for s in rows))}
+    [samples] = (tmp_path / "res").glob("samples_crate_tiny_cloze_*.jsonl")
+    saved = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [s["doc_id"] for s in saved] == [s["doc_id"] for s in rows] and len(rows) == 4
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == sorted(["results.json", samples.name])
+
+
 def test_cli_runs_the_harness_and_prints_its_table(checkpoint, tmp_path, capsys):
     path, _, _ = checkpoint
     out = tmp_path / "r.json"
@@ -90,3 +115,5 @@ def test_unknown_tasks_and_missing_tokenizer_fail_before_loading(checkpoint, tmp
     bare = crate.save(model, tmp_path / "bare")  # no tokenizer anywhere
     assert cli(["eval", "--checkpoint", str(bare), "--tasks", "crate_tiny_cloze", "--include-path", str(TASKS)]) == 2
     assert "pass --data DIR" in capsys.readouterr().err
+    assert cli(["eval", "--checkpoint", str(path), "--tasks", "crate_tiny_cloze", "--log-samples"]) == 2
+    assert "give --out FILE.json" in capsys.readouterr().err

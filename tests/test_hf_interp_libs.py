@@ -136,3 +136,27 @@ def test_the_adapter_is_declared_as_transformer_lens_entry_point():
     target = project["entry-points"]["transformer_lens.architectures"]["CrateForCausalLM"]
     module, name = target.split(":")
     assert getattr(importlib.import_module(module), name).__name__ == "CrateArchitectureAdapter"
+
+
+def test_nnsight_reads_gpt_sae_latents():
+    """nnsight wraps forwards instead of registering hooks: the SAE latents' hook point must run regardless."""
+    pytest.importorskip("sae_lens", reason="pip install -e '.[sae]' installs SAELens")
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+
+    from crate.eval.sae import SAEModel, _to_inference
+    from crate.hooks import record
+
+    torch.manual_seed(0)
+    gpt = crate.build_model("gpt", "micro").eval()
+    n = gpt.config.n_hidden
+    sae = _to_inference(StandardTrainingSAE(StandardTrainingSAEConfig(d_in=n, d_sae=2 * n)))
+    model = SAEModel(gpt, {0: sae}, {0: []}).eval()
+    idx = torch.randint(0, gpt.config.vocab_size, (2, 9))
+    wrapped = nnsight.NNsight(model)
+    with wrapped.trace(idx):
+        got = nnsight.save(wrapped.transformer.h[0].sae.hook_latents.output)
+    with torch.no_grad(), record(model, ["transformer.h.0.hook_neurons"]) as cache:
+        model(idx)
+        want = sae.encode(cache["transformer.h.0.hook_neurons"])
+    assert want.gt(0).any()
+    torch.testing.assert_close(got, want)

@@ -255,6 +255,22 @@ def test_an_sae_of_another_model_or_layer_is_refused(prepared, tmp_path):
         load_sae(tmp_path)
 
 
+def test_random_init_control_starts_every_sae_as_saelens_training_does(prepared):
+    """The control's SAEs are untrained ones: SAELens's training init (its TrainingSAEConfig's decoder_init_norm per
+    decoder row, the encoder the decoder's transpose, zero biases), not its inference classes' kaiming init."""
+    from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
+
+    _, ckpt, trained, _ = prepared
+    model = attach_saes(crate.load(ckpt), [trained])
+    torch.manual_seed(0)
+    model.reset_parameters()
+    sae = model.transformer.h[0].sae.sae
+    norm = StandardTrainingSAEConfig(d_in=1, d_sae=1).decoder_init_norm
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.full((sae.cfg.d_sae,), norm))
+    assert torch.equal(sae.W_enc, sae.W_dec.T)
+    assert not sae.b_enc.any() and not sae.b_dec.any()
+
+
 def test_latent_steering_goes_through_the_decoder_and_keeps_the_error(prepared):
     data, ckpt, out, _ = prepared
     base = crate.load(ckpt)

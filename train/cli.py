@@ -78,9 +78,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_harness(args: argparse.Namespace) -> int:
     from crate.eval.harness import results_table, run_harness
 
+    if args.log_samples and not args.out:
+        from crate.errors import ConfigError
+
+        raise ConfigError("--log-samples writes the per-sample files beside the results JSON: give --out FILE.json")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = run_harness(args.checkpoint, tasks, args.out, data=args.data, include_path=args.include_path,
-                          batch_size=args.batch_size, device=args.device, limit=args.limit, num_fewshot=args.num_fewshot)
+                          batch_size=args.batch_size, device=args.device, limit=args.limit, num_fewshot=args.num_fewshot,
+                          log_samples=args.log_samples)
     print(json.dumps(results["results"]) if args.json else results_table(results))
     if args.out:
         print(f"wrote {args.out}")
@@ -129,6 +134,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, e.g. lambada_openai,wikitext")
     p.add_argument("--out", default=None, help="with --tasks: write the harness's results JSON here")
     p.add_argument("--include-path", default=None, help="with --tasks: a folder of task YAMLs of your own")
+    p.add_argument("--log-samples", action="store_true",
+                   help="with --tasks --out: also write the harness's samples_<task>_<date>.jsonl beside the results")
     p.add_argument("--limit", type=float, default=None, help="with --tasks: documents per task (or a fraction)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--split", default="val", choices=["train", "val"])
