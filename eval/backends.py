@@ -180,7 +180,9 @@ class HFLLM:
         cand = self._candidate_ids(candidates)
         have = [i for i, c in enumerate(cand) if c is not None]
         cand_t = torch.tensor([cand[i] for i in have], dtype=torch.long, device=self.device)
-        encoded = [self._encode_pieces(p) for p in prompts]
+        # tokens after the last slot cannot change what a causal model predicts there: they are not run
+        encoded = [(ids[: max(slots, default=len(ids) - 1) + 1], slots)
+                   for ids, slots in map(self._encode_pieces, prompts)]
         out: list[np.ndarray] = [np.zeros(0)] * len(prompts)
         caps = [min(e[1], default=len(e[0]) - 1) for e in encoded]
         groups = prefix_groups([e[0] for e in encoded], caps) if self.prefix_cache else [(0, list(range(len(prompts))))]

@@ -98,7 +98,10 @@ def test_prefix_cache_gives_the_full_forward_with_fewer_tokens(tiny_hf):  # noqa
         np.testing.assert_allclose(g[:, :10], probs[:, digit_ids].numpy(), rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(r[:, :10], probs[:, digit_ids].numpy(), rtol=1e-4, atol=1e-7)
     texts = ["".join(p) for p in prompts]
-    assert old.tokens["prompt"] == old.tokens["padded"] == sum(map(len, texts))  # one token per character
+    # one token per character, each prompt run up to its last slot (the simulation prompts' closing
+    # "unknown\n<end>\n" is never run: a causal model's predictions at the slots do not depend on it)
+    assert old.tokens["prompt"] == old.tokens["padded"] == sum(len("".join(p[:-1])) for p in prompts)
+    assert sum(map(len, texts)) - old.tokens["prompt"] == 8 * len("unknown\n<end>\n")
     # the 8 simulation prompts share at least the few-shot preamble (the 4 of each explanation also the
     # explanation), the 4 detection prompts their question: each is computed once, not 8 or 4 times
     preamble, question = len(os.path.commonprefix(texts[:8])), len(os.path.commonprefix(texts[8:]))
