@@ -192,7 +192,11 @@ def _ista_forward(
 
     With `recompute` both histories are returned empty (0, N, .): the backward rebuilds them.
     """
-    return forward_launches(_triton_kernels(v.device), v, weight, scal, n_steps, recompute)
+    kernels = _triton_kernels(v.device)
+    if kernels.INTERPRET and v.dtype == torch.bfloat16:
+        raise ValueError("Triton's interpreter computes bf16 tl.dot wrongly (codes off by orders of magnitude): on "
+                         "CPU run the fused ISTA kernel in float32 or float16, or use ista_impl='torch' for bf16")
+    return forward_launches(kernels, v, weight, scal, n_steps, recompute)
 
 
 def forward_launches(
@@ -285,7 +289,8 @@ def backward_launches(
             gz = torch.where(codes > 0, grad, 0).float()
             sums.append(torch.stack([(gz * codes.float()).sum(), gz.sum()]))
         s_eta, s_lmbda = torch.stack(sums).sum(0).unbind()
-        grad_scal = torch.stack([s_eta / scal[0], -scal[0] * s_lmbda])
+        # d/d eta = s_eta / eta; at eta = 0 every pre-activation is 0, so is s_eta, and so is the gradient
+        grad_scal = torch.stack([torch.where(scal[0] != 0, s_eta / scal[0], 0.0), -scal[0] * s_lmbda])
     return grad_v, grad_w.to(weight.dtype), grad_scal
 
 

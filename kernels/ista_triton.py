@@ -215,11 +215,17 @@ def launch(kernel: Any, rows: int, cols: int, *args: Any, **flags: Any) -> int:
         kernel[(_programs(rows, cols, _INTERPRET_META),)](*args, **flags, **_INTERPRET_META)
         return _programs(rows, cols, _INTERPRET_META)
 
+    used: dict[str, Any] = {}
+
     def grid(meta: dict[str, Any]) -> tuple[int]:
+        used.clear()
+        used.update(meta)  # the last call is the launch itself (after any benchmarking of the configs)
         return (_programs(rows, cols, meta),)
 
     kernel[grid](*args, **flags)
-    return _programs(rows, cols, kernel.best_config.kwargs)
+    # the tile of this launch, not `kernel.best_config`: the autotuner keeps that per kernel, not per call, so
+    # a launch of another shape from another thread could change it in between
+    return _programs(rows, cols, used)
 
 
 def max_programs(rows: int, cols: int) -> int:

@@ -216,6 +216,46 @@ def test_forced_triton_on_cpu_without_interpreter_says_how_to_fix(monkeypatch: p
         ista_codes(v, weight, 0.1, 0.1, 2, impl="triton")
 
 
+def test_eta_zero_gives_the_references_gradients_not_nan() -> None:
+    """At eta = 0 every pre-activation is 0: d/d eta is 0 by autograd's ReLU rule (the kernel divided 0 by 0)."""
+    v, weight, _, lmbda = _inputs((2, 9, 72), 200)
+    eta = torch.zeros((), dtype=torch.float64, device=DEVICE, requires_grad=True)
+    leaves = [v, weight, eta, lmbda]
+    want = ista_reference(*leaves, 2)
+    grad_out = torch.randn_like(want)
+    ours = _as(leaves, torch.float32)
+    got = ista_codes(*ours, 2, impl="triton")
+    for g, w in zip(torch.autograd.grad(got, ours, grad_out.float()), torch.autograd.grad(want, leaves, grad_out)):
+        assert not g.isnan().any()
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5 * max(1.0, w.abs().max().item()))
+
+
+@pytest.mark.skipif(CUDA, reason="Triton's interpreter only: compiled kernels compute bf16 correctly")
+def test_bf16_in_the_interpreter_is_refused() -> None:
+    v, weight = torch.randn(3, 16, dtype=torch.bfloat16), torch.randn(64, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="interpreter computes bf16.*ista_impl='torch'"):
+        ista_codes(v, weight, 0.1, 0.1, 2, impl="triton")
+
+
+def test_a_launch_counts_the_partial_sums_of_the_tile_it_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The autotuner calls the grid once per config it benchmarks, then for the launch; its `best_config` is per
+    kernel, so another thread's launch of another shape may have changed it: the count follows the launch."""
+    from types import SimpleNamespace
+
+    from crate.kernels import ista_triton
+
+    tiles = [dict(BLOCK_M=128, BLOCK_N=128), dict(BLOCK_M=64, BLOCK_N=128), dict(BLOCK_M=64, BLOCK_N=64)]
+
+    class Autotuned:
+        best_config = SimpleNamespace(kwargs=tiles[0])  # what another thread's launch left
+
+        def __getitem__(self, grid: Callable[[dict], tuple[int]]) -> Callable[..., None]:
+            return lambda *args, **kwargs: [grid(meta) for meta in tiles]  # benchmarking, then the launch
+
+    monkeypatch.setattr(ista_triton, "INTERPRET", False)
+    assert ista_triton.launch(Autotuned(), 300, 200) == math.ceil(300 / 64) * math.ceil(200 / 64)
+
+
 @needs_cuda
 @pytest.mark.parametrize("steps", [1, 2, 3])
 def test_bf16_error_at_most_twice_pytorchs(steps: int) -> None:
@@ -234,7 +274,11 @@ def test_bf16_error_at_most_twice_pytorchs(steps: int) -> None:
     for name, k, t, w in zip(("codes", "v", "weight", "eta", "lmbda"), run("triton"), run("torch"), want_all):
         kernel_err = (k.double() - w).abs().max().item()
         torch_err = (t.double() - w).abs().max().item()
-        assert kernel_err <= 2 * torch_err + 1e-4 * w.abs().max().item(), (name, kernel_err, torch_err)
+        # eta's and lambda's gradients are single sums of ~1M bf16 products: their errors are one draw of a random
+        # walk each, so "2x PyTorch's" fails by chance (1-2 of 8 seeds in an fp32-accumulating emulation); they
+        # get bf16's relative precision instead (2^-8 = 0.4% per product, 2% here)
+        slack = (2e-2 if name in ("eta", "lmbda") else 1e-4) * w.abs().max().item()
+        assert kernel_err <= 2 * torch_err + slack, (name, kernel_err, torch_err)
 
 
 @needs_cuda
