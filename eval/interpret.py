@@ -21,7 +21,8 @@ Output layout (everything is plain JSON / JSONL / NPZ)
 -----------------------------------------------------
     <out>/provenance.json                    key (digest of the scores' identity), model (arch, config, n_params,
                                              weights_fingerprint = sha256 of every tensor, control_random_init,
-                                             checkpoint, name), data (tokens_sha256 of the tokens read, n_tokens, split,
+                                             checkpoint (absolute paths), size (the preset it was trained as, or
+                                             null), name), data (tokens_sha256 of the tokens read, n_tokens, split,
                                              tokenizer sha256, dir, manifest), protocol, prompt_version, seed, records
                                              dir and key, explainer / simulator identity (never keys), config,
                                              crate_version
@@ -165,6 +166,20 @@ def model_label(checkpoint: str | Path) -> str:
     """A checkpoint's display name: its run's for `<run>/final` (what `crate report` shows too), else its own."""
     p = Path(str(checkpoint).rstrip("/"))
     return p.parent.name if p.name == "final" and p.parent.name else p.stem if p.suffix in (".pt", ".ckpt") else p.name
+
+
+def _checkpoint_fields(checkpoint: str | Path | None) -> dict[str, str | None]:
+    """How a result names its checkpoint, outside its identity (the key): every part of "DIR[+SAE,...]" as an
+    absolute path, and the size DIR was trained as (read now, so that `crate report` needs neither the checkpoint
+    nor the directory interpret ran in)."""
+    if not checkpoint:
+        return {"checkpoint": None, "size": None}
+    from crate.eval.report import trained_size
+    from crate.eval.sae import split_sae_spec
+
+    base, saes = split_sae_spec(checkpoint)
+    spec = str(Path(base).resolve()) + ("+" + ",".join(str(Path(s).resolve()) for s in saes) if saes else "")
+    return {"checkpoint": spec, "size": trained_size(base)}
 
 
 def _token_strings(data_dir: str | Path | None, vocab_size: int) -> list[str]:
@@ -645,7 +660,7 @@ def plan_interpret(checkpoint: str | Path | None, data_dir: str | Path | None, o
 
     provenance = _clean({
         "key": digest(score_id), "results_version": RESULTS_VERSION,
-        "model": {**model_id, "checkpoint": str(checkpoint) if checkpoint else None,
+        "model": {**model_id, **_checkpoint_fields(checkpoint),
                   "name": name or (model_label(checkpoint) if checkpoint else None)},
         "data": {**data_id, "dir": str(data_dir) if data_dir else None, "manifest": manifest,
                  "stream_tokens": int(len(stream))},

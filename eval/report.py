@@ -106,6 +106,7 @@ class ModelResult:
     scores: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
     measures: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> measure -> value
     summary: dict[str, Any] = field(default_factory=dict)
+    summary_path: Path | None = None  # the summary.json read (its own, else its folder's: run_compare's)
 
     @property
     def label(self) -> str:
@@ -229,6 +230,44 @@ def _guess_arch(*texts: str) -> str:
     return "unknown"
 
 
+def _base_checkpoint(entry: dict[str, Any]) -> str | None:
+    """The checkpoint a result's model was loaded from; for "CKPT+SAE,..." (GPT-SAE) the CKPT part."""
+    checkpoint = entry.get("checkpoint") or entry.get("path")
+    if checkpoint and entry.get("sae"):  # crate.eval.sae.split_sae_spec's syntax, without its look at the disk
+        checkpoint = str(checkpoint).partition("+")[0]
+    return checkpoint
+
+
+def trained_size(checkpoint: str | Path) -> str | None:
+    """The size or preset a checkpoint was trained as: its own metadata's (crate.checkpoint.read_info), else its
+    run's config (`<run>/final` -> `<run>/config.yaml`); None when neither names one. `crate interpret` records it
+    so that the report never has to find the checkpoint again."""
+    from crate.checkpoint import read_info
+
+    path = Path(checkpoint)
+    try:
+        own = read_info(path).get("metadata") or {}
+    except (CrateError, OSError, ValueError):  # a .pt / .ckpt file, or a folder that is not ours
+        own = {}
+    metadata = {**_run_config(path.parent)[1], **own}
+    return next((str(metadata[k]) for k in ("size", "preset") if metadata.get(k)), None)
+
+
+def _recorded_size(entry: dict[str, Any], checkpoint: str | None, folder: Path) -> str | None:
+    """The size `crate interpret` recorded; for older results, read from the checkpoint, a relative path found
+    from the result folder's ancestors (it was relative to wherever interpret ran), never from the working
+    directory, so that the label does not depend on where `crate report` runs."""
+    if "size" in entry:
+        return entry["size"]
+    if not checkpoint:
+        return None
+    path = Path(checkpoint)
+    if not path.is_absolute():
+        found = (base / path for base in [folder.resolve(), *folder.resolve().parents])
+        path = next((p for p in found if p.exists()), None)
+    return trained_size(path) if path else None
+
+
 def load_model_result(path: Path) -> ModelResult:
     """One interpretability result folder (it has `scores/`)."""
     provenance = _read_json(path / "provenance.json")
@@ -237,13 +276,11 @@ def load_model_result(path: Path) -> ModelResult:
     if not isinstance(config, dict):
         config = {}
     metadata = {**(provenance.get("metadata") or {}), **(entry.get("metadata") or {})}
-    checkpoint = entry.get("checkpoint") or entry.get("path")
-    if checkpoint and entry.get("sae"):  # "CKPT+SAE,...": the size is the checkpoint's
-        from crate.eval.sae import split_sae_spec
-
-        checkpoint = split_sae_spec(checkpoint)[0]
-    if checkpoint and "size" not in metadata and "preset" not in metadata:
-        metadata.update(_run_config(Path(checkpoint).parent)[1])  # <run>/final -> <run>/config.yaml's preset
+    checkpoint = _base_checkpoint(entry)
+    if "size" not in metadata and "preset" not in metadata:
+        size = _recorded_size(entry, checkpoint, path)
+        if size:
+            metadata["size"] = size
     arch = entry.get("arch") or config.get("arch") or _guess_arch(path.name, str(checkpoint or ""))
     if entry.get("sae") and not str(arch).endswith("-sae"):  # SAE latents scored as neurons (crate.eval.sae)
         arch = f"{arch}-sae"
@@ -262,11 +299,12 @@ def load_model_result(path: Path) -> ModelResult:
         check_one_provenance(pdir, [row for rows in layers.values() for row in rows])
         if layers:
             result.scores[protocol] = dict(sorted(layers.items(), key=lambda kv: layer_sort_key(kv[0])))
-    summary = _read_json(path / "summary.json") or {}
-    if not summary and (path.parent / "summary.json").is_file():
-        summary = _read_json(path.parent / "summary.json")
-    result.summary = summary
-    model_summary = _summary_for(summary, result.name, path.name)
+    for candidate in (path / "summary.json", path.parent / "summary.json"):
+        summary = _read_json(candidate)
+        if summary:
+            result.summary, result.summary_path = summary, candidate.resolve()
+            break
+    model_summary = _summary_for(result.summary, result.name, path.name)
     for layer, info in (model_summary.get("layers") or {}).items():
         flat = _flatten_numbers(info.get("measures") or {}) if isinstance(info, dict) else {}
         flat = {k: v for k, v in flat.items() if k not in MEASURES_HIDDEN}
@@ -583,13 +621,20 @@ def fmt_ci(lo: float, hi: float) -> str:
 
 
 def _groups(results: list[ModelResult]) -> dict[tuple[str, str, str], dict[str, ModelResult]]:
-    """(size, protocol, scorer) -> arch -> the trained model's result (first found)."""
+    """(size, protocol, scorer) -> arch -> the trained model's result. Two of one arch are refused: the tables
+    compare one model per system, and picking one of them would change the headline without saying so."""
     groups: dict[tuple[str, str, str], dict[str, ModelResult]] = {}
     for r in results:
         if r.random_init:
             continue
         for protocol in r.scores:
-            groups.setdefault((r.size, protocol, r.scorer), {}).setdefault(r.arch, r)
+            other = groups.setdefault((r.size, protocol, r.scorer), {}).setdefault(r.arch, r)
+            if other is not r:
+                raise ReportError(
+                    f"two trained {r.arch} results for {r.size}, {protocol}, scorer {r.scorer}: {other.path} and "
+                    f"{r.path}. The report compares one model per system: point `crate report` at the result "
+                    f"folders to use (e.g. one of these two and the other systems'), or move the other away; "
+                    f"several training seeds are `crate study`'s (intervals over seeds)")
     return dict(sorted(groups.items(), key=lambda kv: (_size_key(kv[0][0]), _protocol_key(kv[0][1]), kv[0][2])))
 
 
@@ -629,9 +674,9 @@ def main_table(results: list[ModelResult], seed: int = 0, n_boot: int = N_BOOT) 
             row["paper CRATE"], row["paper GPT"] = PAPER_SCORES[key]
         if key in PAPER_VARIANCE:
             row["paper CRATE var"], row["paper GPT var"] = PAPER_VARIANCE[key]
-        layer_sets = {",".join(a.layers_used) for a in aggs.values()}
-        row["layers"] = " / ".join(sorted(layer_sets))
-        row["neurons"] = " / ".join(f"{a.n_neurons}" for _, a in sorted(aggs.items(), key=lambda kv: _arch_key(kv[0])))
+        ordered = [a for _, a in sorted(aggs.items(), key=lambda kv: _arch_key(kv[0]))]  # CRATE / GPT, as the columns
+        row["layers"] = " / ".join(dict.fromkeys(",".join(a.layers_used) for a in ordered))  # once when equal
+        row["neurons"] = " / ".join(f"{a.n_neurons}" for a in ordered)
         rows.append(row)
     note = (
         "Scores are Pearson correlations x100: the mean over layers of the per-layer mean over neurons; `var` is "
@@ -768,15 +813,16 @@ def controls_table(results: list[ModelResult], seed: int = 0, n_boot: int = N_BO
             rows.append({"size": r.size, "arch": r.arch, "model": r.name, "init": "random" if r.random_init else "trained",
                          "protocol": protocol, "scorer": r.scorer, "mean x100": a.mean, "95% CI": fmt_ci(a.lo, a.hi),
                          "source": "scores"})
-    seen: set[str] = set()
+    scored = {r.path.resolve() for r in results if r.random_init}
+    seen: set[Path] = set()
     for r in results:
         controls = r.summary.get("controls") or {}
-        if not isinstance(controls, dict) or id(r.summary) in seen:
+        if not isinstance(controls, dict) or r.summary_path is None or r.summary_path in seen:
             continue
-        seen.add(id(r.summary))
+        seen.add(r.summary_path)  # one summary.json is read by every result of its folder (run_compare's)
         for name, c in controls.items():
-            if not isinstance(c, dict):
-                continue
+            if not isinstance(c, dict) or r.summary_path.parent / f"{name}-control" in scored:
+                continue  # run_compare scored this control into <folder>/<name>-control: its row is above
             agg = c.get("aggregate") if isinstance(c.get("aggregate"), dict) else c
             mean = agg.get("mean")
             ci = agg.get("ci95") or [None, None]
@@ -823,21 +869,24 @@ def _plt():
 
 def plot_layer_scores(by_arch: dict[str, ModelResult], size: str, protocol: str, path: Path, seed: int = 0,
                       scorer: str = "-") -> Path:
+    """Each system's per-layer means with intervals, on one axis of every layer any of them scored (a system
+    scored on fewer layers is drawn at its own)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for i, (arch, r) in enumerate(sorted(by_arch.items(), key=lambda kv: _arch_key(kv[0]))):
-        agg = aggregate(r, protocol, seed)
-        xs = [s.layer for s in agg.layers]
-        x = np.arange(len(xs)) + (i - 0.5) * 0.12
+    aggs = {arch: aggregate(r, protocol, seed) for arch, r in sorted(by_arch.items(), key=lambda kv: _arch_key(kv[0]))}
+    layers = sorted({s.layer for agg in aggs.values() for s in agg.layers}, key=layer_sort_key)
+    position = {layer: i for i, layer in enumerate(layers)}
+    for i, (arch, agg) in enumerate(aggs.items()):
+        x = np.array([position[s.layer] for s in agg.layers]) + (i - (len(aggs) - 1) / 2) * 0.12
         m = np.array([s.mean for s in agg.layers])
         err = np.array([[s.mean - s.lo for s in agg.layers], [s.hi - s.mean for s in agg.layers]])
         ax.errorbar(x, m, yerr=np.nan_to_num(err), marker="o", capsize=3, color=COLORS.get(arch),
                     label=f"{arch.upper()} (mean {agg.mean:.2f})")
-        ax.set_xticks(np.arange(len(xs)), xs)
         key = (paper_row(size) or "", protocol)
         if key in PAPER_SCORES and arch in PAPER_ARCHS:
             ax.axhline(PAPER_SCORES[key][PAPER_ARCHS.index(arch)], color=COLORS.get(arch), ls="--", lw=1,
                        label=f"paper {arch.upper()} mean")
+    ax.set_xticks(np.arange(len(layers)), layers)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("layer")
     ax.set_ylabel("score (correlation x100)")

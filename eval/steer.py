@@ -37,6 +37,7 @@ class SteerResult:
     p_before: Tensor  # full next-token distributions (V,)
     p_after: Tensor
     activation: float  # the neuron's activation at the last position, unsteered
+    n_cut: int = 0  # tokens cut from the front of the prompt to fit the model's context (prompt_ids: the rest)
 
     def delta(self, token: int) -> float:
         return float(self.p_after[token] - self.p_before[token])
@@ -121,16 +122,19 @@ def check_unit(model: torch.nn.Module, layer: int, neuron: int | None = None) ->
         raise SteerError(f"neuron {neuron} does not exist: layer {layer} has {n} neurons, 0..{n - 1}")
 
 
-def _ids_tensor(model: torch.nn.Module, ids: list[int]) -> Tensor:
+def _ids_used(model: torch.nn.Module, ids: list[int]) -> list[int]:
+    """The prompt's ids the model reads: checked against the vocabulary, the last block_size of them."""
     V, T = model.config.vocab_size, model.config.block_size
     if not ids:
         raise SteerError("the prompt has no tokens: give at least one token id, e.g. \"1,2,3\"")
     bad = [i for i in ids if not 0 <= i < V]
     if bad:
         raise SteerError(f"token ids {bad[:5]} are outside the model's vocabulary: valid ids are 0..{V - 1}")
-    if len(ids) > T:
-        ids = ids[-T:]
-    return torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    return list(ids[-T:])
+
+
+def _ids_tensor(model: torch.nn.Module, ids: list[int]) -> Tensor:
+    return torch.tensor([_ids_used(model, ids)], dtype=torch.long, device=next(model.parameters()).device)
 
 
 @torch.no_grad()
@@ -140,7 +144,8 @@ def steer(model: torch.nn.Module, ids: list[int], layer: int, neuron: int, value
     if k < 1:
         raise SteerError(f"k={k}: the number of top tokens shown must be at least 1")
     model.eval()
-    idx = _ids_tensor(model, ids)
+    used = _ids_used(model, ids)
+    idx = _ids_tensor(model, used)
     hook = model.neuron_hook(layer)
     logits, cache = model.run_with_cache(idx, [hook])
     with model.steer(layer, neuron, value):
@@ -153,8 +158,8 @@ def steer(model: torch.nn.Module, ids: list[int], layer: int, neuron: int, value
         v, i = torch.topk(p, k)
         return list(zip(i.tolist(), v.tolist()))
 
-    return SteerResult(layer, neuron, float(value), list(ids), top(p0), top(p1), p0, p1,
-                       float(cache[hook][0, -1, neuron]))
+    return SteerResult(layer, neuron, float(value), used, top(p0), top(p1), p0, p1,
+                       float(cache[hook][0, -1, neuron]), n_cut=len(ids) - len(used))
 
 
 @torch.no_grad()
@@ -191,7 +196,9 @@ def render(result: SteerResult, check: ZeroCheck | None = None, tokenizer: Any |
 
     console = Console()
     prompt = " ".join(_tok(tokenizer, i) for i in result.prompt_ids[-16:])
-    console.print(f"prompt ({len(result.prompt_ids)} tokens): {prompt}")
+    n = len(result.prompt_ids)
+    cut = f", the last of {n + result.n_cut}: {result.n_cut} cut to fit the model's context" if result.n_cut else ""
+    console.print(f"prompt ({n} tokens{cut}): {prompt}")
     console.print(f"layer {result.layer} neuron {result.neuron}: activation at the last position "
                   f"{result.activation:.4f}; clamped to {result.value:g} at every position")
     table = Table(title="Top next tokens before and after steering")

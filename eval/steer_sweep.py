@@ -151,15 +151,19 @@ def sweep(models: dict[str, Any], stream: np.ndarray, cfg: SweepConfig | None = 
     return {"config": asdict(cfg), "systems": systems}
 
 
+def _number(v: float | None) -> str:
+    """Three significant digits: a KL of 2e-05 stays visible (fixed decimals would print it as 0)."""
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.3g}"
+
+
 def sweep_markdown(result: dict[str, Any]) -> str:
-    f = lambda v, p=4: "n/a" if v is None or not math.isfinite(v) else f"{v:.{p}f}"  # noqa: E731
     lines = ["| system | clamp (x max act.) | units | effect (log-prob rise) | 95% CI | collateral KL | 95% CI | "
              "loss increase | 95% CI |", "|---|---|---|---|---|---|---|---|---|"]
     for name, s in result["systems"].items():
         for r in s["summary"]:
-            ci = lambda k: f"[{f(r[k + '_ci95'][0])}, {f(r[k + '_ci95'][1])}]"  # noqa: E731
-            lines.append(f"| {name} | {r['multiple']:g} | {r['n_units']} | {f(r['effect'])} | {ci('effect')} | "
-                         f"{f(r['kl'])} | {ci('kl')} | {f(r['loss_increase'])} | {ci('loss_increase')} |")
+            cells = [f"{_number(r[k])} | [{_number(r[k + '_ci95'][0])}, {_number(r[k + '_ci95'][1])}]"
+                     for k in ("effect", "kl", "loss_increase")]
+            lines.append(f"| {name} | {r['multiple']:g} | {r['n_units']} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -189,11 +193,11 @@ def sweep_plot(result: dict[str, Any], path: Path) -> Path:
 
 def write_sweep(result: dict[str, Any], out: str | Path) -> Path:
     from crate.atomic import write_bytes
+    from crate.provenance import canonical
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    clean = json.loads(json.dumps(result, default=float).replace("NaN", "null"))
-    write_bytes(out / RESULT, json.dumps(clean, indent=1).encode())
+    write_bytes(out / RESULT, json.dumps(canonical(result), indent=1).encode())  # NaN -> null, value by value
     (out / "steer_sweep.md").write_text(sweep_markdown(result))
     sweep_plot(result, out / "steer_sweep.png")
     return out / RESULT

@@ -179,3 +179,142 @@ def test_last_layer_rule_is_the_papers(tmp_path: Path) -> None:
         (row,) = main_table(discover([tmp_path / str(n)])[0], n_boot=20).rows
         used = list(range(n - 1 if n == 12 else n))
         assert row["layers"] == ",".join(map(str, used)) and row["CRATE"] == pytest.approx(np.mean(used))
+
+
+TINY = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=512)  # not one of the paper's shapes: only a run names it
+
+
+def _point_at(result: Path, checkpoint: str, sae: bool = False) -> None:
+    """Make `result`'s provenance name `checkpoint` as an older `crate interpret` did (no recorded size)."""
+    prov = json.loads((result / "provenance.json").read_text())
+    (entry,) = prov["models"].values()
+    entry["path"] = checkpoint
+    if sae:
+        entry["sae"] = {"0": {"d_sae": 8}, "1": {"d_sae": 8}}
+    (result / "provenance.json").write_text(json.dumps(prov))
+
+
+def test_older_results_get_their_size_from_any_working_directory(tmp_path: Path, monkeypatch) -> None:
+    """Relative checkpoint paths (relative to where interpret ran) are found from the result folder, not the cwd."""
+    root = tmp_path / "demo"
+    for run in ("crate-t", "gpt-t"):
+        (root / "runs" / run / "final").mkdir(parents=True)
+        (root / "runs" / run / "config.yaml").write_text("model:\n  preset: tiny\n")
+    res = root / "interpret"
+    _point_at(make_result(res, "crate", "crate", TINY, {"tar": {0: [0.2, 0.4], 1: [0.1, 0.3]}}), "runs/crate-t/final")
+    _point_at(make_result(res, "gpt", "gpt", TINY, {"tar": {0: [0.1, 0.1], 1: [0.2, 0.0]}}),
+              str(root / "runs" / "gpt-t" / "final"))  # interpret run from elsewhere: absolute
+    _point_at(make_result(res, "gpt-sae", "gpt", TINY, {"tar": {0: [0.3], 1: [0.3]}}),
+              "runs/gpt-t/final+runs/gpt-t/sae/relu-l0,runs/gpt-t/sae/relu-l1", sae=True)
+    for cwd in (tmp_path, root, res / "crate"):
+        monkeypatch.chdir(cwd)
+        results, _ = discover([res])
+        assert {r.name: r.size for r in results} == {"crate": "tiny", "gpt": "tiny", "gpt-sae": "tiny"}, cwd
+        (row,) = main_table(results, n_boot=50).rows  # one row: CRATE (30, 20) -> 25 beside GPT (10, 10) -> 10
+        assert (row["size"], row["CRATE"], row["GPT"]) == ("tiny", pytest.approx(25.0), pytest.approx(10.0))
+        assert row["CRATE-GPT"] == pytest.approx(15.0)
+
+
+def test_interpret_records_the_size_and_absolute_paths_outside_the_key(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The size is read at interpret time, so the report needs neither the checkpoint nor interpret's cwd; the
+    new fields stay out of the scores' identity (the same inputs by another path reuse every score)."""
+    import torch
+
+    from crate import build_model, save
+    from crate.eval.interpret import InterpretConfig, run_interpret
+
+    torch.manual_seed(0)
+    project = tmp_path / "project"
+    save(build_model("crate", "micro"), project / "runs" / "crate-m" / "final")
+    (project / "runs" / "crate-m" / "config.yaml").write_text("model:\n  arch: crate\n  preset: micro\n")
+    stream = np.random.default_rng(0).integers(0, 128, size=16 * 32).astype(np.uint16)
+    cfg = InterpretConfig(protocol="tar", seq_len=32, n_tokens=16 * 32, batch_size=8, device="cpu", top_k=6,
+                          n_random=6, per_bin=1, neurons=[0, 1, 2], n_boot=50, progress=False)
+    kw = dict(stream=stream, token_strings=[f"w{i}" for i in range(128)])
+    monkeypatch.chdir(project)
+    run_interpret("runs/crate-m/final", None, "interp/crate", cfg, **kw)
+    out = project / "interp" / "crate"
+    first = json.loads((out / "provenance.json").read_text())
+    assert first["model"]["checkpoint"] == str((project / "runs" / "crate-m" / "final").resolve())
+    assert first["model"]["size"] == "micro"
+    monkeypatch.chdir(tmp_path)  # the same checkpoint by another path, from another directory: nothing rescored
+    capsys.readouterr()
+    run_interpret("project/runs/crate-m/final", None, out, cfg, **kw)
+    assert "3 of 3 neurons reused (same provenance), 0 scored" in capsys.readouterr().out
+    assert json.loads((out / "provenance.json").read_text())["key"] == first["key"]
+    (project / "runs").rename(project / "moved")  # the report no longer finds the checkpoint: the label stays
+    monkeypatch.chdir("/")
+    (result,), _ = discover([out])
+    assert result.size == "micro"  # by shape alone it would be "1-layer"
+
+
+def test_two_results_of_one_system_are_refused_naming_both(tmp_path: Path) -> None:
+    make_result(tmp_path, "crate-seed0", "crate", PAPER_2L, {"tar": {0: [0.10], 1: [0.10]}})
+    make_result(tmp_path, "crate-seed1", "crate", PAPER_2L, {"tar": {0: [0.50], 1: [0.50]}})
+    make_result(tmp_path, "gpt", "gpt", PAPER_2L, {"tar": {0: [0.05], 1: [0.05]}})
+    with pytest.raises(ReportError, match=r"two trained crate results for 2L, TaR.*crate-seed0 and .*crate-seed1.*"
+                                          r"point `crate report` at"):
+        main_table(discover([tmp_path])[0], n_boot=20)
+    with pytest.raises(ReportError, match="two trained crate results"):
+        write_report([tmp_path], tmp_path / "rep", n_boot=20)
+    (row,) = main_table(discover([tmp_path / "crate-seed1", tmp_path / "gpt"])[0], n_boot=20).rows  # the ones to use
+    assert row["CRATE"] == pytest.approx(50.0) and row["CRATE-GPT"] == pytest.approx(45.0)
+
+
+def test_a_control_is_listed_once(tmp_path: Path) -> None:
+    """Every result of a run_compare folder reads its summary.json: its controls are listed once, and not at all
+    when the control was scored into <folder>/<name>-control (that row comes from the scores)."""
+    from crate.eval.report import controls_table
+
+    root = tmp_path / "cmp"
+    make_result(root, "crate", "crate", PAPER_2L, {"tar": {0: [0.1, 0.2], 1: [0.3]}})
+    make_result(root, "gpt", "gpt", PAPER_2L, {"tar": {0: [0.1, 0.1], 1: [0.1]}})
+    make_result(root, "crate-control", "crate", PAPER_2L, {"tar": {0: [0.01, 0.03], 1: [0.0]}}, random_init=True)
+    for n in ("crate", "gpt", "crate-control"):
+        (root / n / "summary.json").unlink()
+    (root / "summary.json").write_text(json.dumps({"models": {}, "controls": {
+        "crate": {"aggregate": {"mean": 0.01, "ci95": [0.0, 0.02]}, "layers": {}},
+        "gpt": {"aggregate": {"mean": 0.02, "ci95": [0.01, 0.03]}, "layers": {}}}}))
+    rows = [r for r in controls_table(discover([root])[0], n_boot=50).rows if r["init"] == "random"]
+    assert [(r["model"], r["source"]) for r in rows] == [("crate-control", "scores"), ("gpt", "summary.json")]
+    assert rows[0]["mean x100"] == pytest.approx(1.0) and rows[1]["mean x100"] == pytest.approx(2.0)
+
+
+def test_layers_column_is_in_the_order_of_the_neurons_column(tmp_path: Path) -> None:
+    make_result(tmp_path, "crate", "crate", PAPER_2L, {"tar": {1: [0.1, 0.2, 0.3, 0.3, 0.1, 0.2]}})
+    make_result(tmp_path, "gpt", "gpt", PAPER_2L, {"tar": {0: [0.05], 1: [0.05]}})
+    (row,) = main_table(discover([tmp_path])[0], n_boot=20).rows
+    assert (row["layers"], row["neurons"]) == ("1 / 0,1", "6 / 2")  # CRATE / GPT in both
+
+
+def test_layer_plot_draws_each_system_at_its_own_layers(tmp_path: Path, monkeypatch) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import crate.eval.report as report
+
+    make_result(tmp_path, "crate", "crate", PAPER_2L, {"tar": {0: [0.10, 0.10], 1: [0.30, 0.30]}})
+    make_result(tmp_path, "gpt", "gpt", PAPER_2L, {"tar": {0: [0.05, 0.05], 1: [0.07, 0.07]}})
+    make_result(tmp_path, "gpt-sae", "gpt-sae", PAPER_2L, {"tar": {1: [0.50, 0.50]}})  # an SAE on layer 1 only
+    axes = []
+
+    class Recording:
+        def __getattr__(self, name: str):
+            return getattr(plt, name)
+
+        def subplots(self, *a, **k):
+            fig, ax = plt.subplots(*a, **k)
+            axes.append(ax)
+            return fig, ax
+
+    monkeypatch.setattr(report, "_plt", Recording)
+    report.plot_layer_scores({r.arch: r for r in discover([tmp_path])[0]}, "2L", "TaR", tmp_path / "p.png")
+    (ax,) = axes
+    assert list(ax.get_xticks()) == [0, 1] and [t.get_text() for t in ax.get_xticklabels()] == ["0", "1"]
+    drawn = {c.get_label().split()[0]: c.lines[0] for c in ax.containers}
+    for arch, layers, means in (("CRATE", [0, 1], [10, 30]), ("GPT", [0, 1], [5, 7]), ("GPT-SAE", [1], [50])):
+        assert [round(float(x)) for x in drawn[arch].get_xdata()] == layers, arch
+        assert list(drawn[arch].get_ydata()) == pytest.approx(means), arch
+    plt.close("all")

@@ -99,3 +99,20 @@ def test_cli_prints_the_table(tmp_path, capsys) -> None:
     assert rc == 0, out
     assert "Top next tokens before and after steering" in out and f" {TOKEN} " in out
     assert "zero check" in out and "OK" in out
+
+
+def test_a_prompt_longer_than_the_context_reports_the_tokens_used(capsys) -> None:
+    from crate.eval.steer import render
+
+    model = rigged("gpt")
+    T = model.config.block_size
+    ids = [(7 * i) % 100 for i in range(T + 8)]
+    result = steer(model, ids, 0, NEURON, 5.0, k=3)
+    assert result.prompt_ids == ids[8:] and result.n_cut == 8  # the model reads the last T tokens
+    assert torch.equal(result.p_before, steer(model, ids[8:], 0, NEURON, 5.0).p_before)
+    render(result)
+    assert f"prompt ({T} tokens, the last of {T + 8}: 8 cut to fit the model's context)" in capsys.readouterr().out
+    short = steer(model, PROMPT, 0, NEURON, 5.0)
+    assert short.prompt_ids == PROMPT and short.n_cut == 0
+    render(short)
+    assert "prompt (5 tokens): " in capsys.readouterr().out

@@ -135,3 +135,23 @@ def test_cli_steer_sweep_writes_json_table_and_plot(tmp_path, capsys):
     assert "| gpt | 2 |" in (tmp_path / "sw" / "steer_sweep.md").read_text()
     assert main(["steer", "-c", str(tmp_path / "gpt"), "--layer", "0"]) != 0  # no unit and no --sweep: refused
     assert "--neuron" in capsys.readouterr().err
+
+
+def test_tables_keep_small_values_and_json_keeps_names(tmp_path):
+    """Hand-made sweep: a KL of 2e-05 is printed, not rounded to 0; NaN becomes null value by value, so a system
+    whose name contains "NaN" keeps it."""
+    from crate.eval.steer_sweep import sweep_markdown, write_sweep
+
+    nan = float("nan")
+    row = {"multiple": 2.0, "n_units": 3, "effect": 0.5, "effect_ci95": [0.25, 0.75], "kl": 2e-5,
+           "kl_ci95": [1e-5, 3e-5], "loss_increase": nan, "loss_increase_ci95": [nan, nan]}
+    unit = {"layer": 0, "unit": 1, "max_activation": np.float32(1.5), "by_multiple": [{"effect": nan}]}
+    result = {"config": {"multiples": (2.0,)}, "systems": {"NaNo-GPT": {"units": [unit], "summary": [row]}}}
+    md = sweep_markdown(result)
+    assert "| NaNo-GPT | 2 | 3 | 0.5 | [0.25, 0.75] | 2e-05 | [1e-05, 3e-05] | n/a | [n/a, n/a] |" in md
+    saved = json.loads(write_sweep(result, tmp_path).read_text())
+    assert list(saved["systems"]) == ["NaNo-GPT"]
+    (s,) = saved["systems"].values()
+    assert s["summary"][0]["loss_increase"] is None and s["summary"][0]["loss_increase_ci95"] == [None, None]
+    assert s["units"][0] == {"layer": 0, "unit": 1, "max_activation": 1.5, "by_multiple": [{"effect": None}]}
+    assert saved["config"]["multiples"] == [2.0] and "2e-05" in (tmp_path / "steer_sweep.md").read_text()
