@@ -32,16 +32,17 @@ def gc():
 
 def cuda_skipped_tests() -> set[str]:
     """Test ids that skip without CUDA, read from the test sources independently of gpu_check: functions under a
-    `skipif` decorator whose condition (or whose named marker's definition) mentions CUDA."""
+    `skipif(not ...CUDA...)` decorator, or a named marker defined so (a skip *with* CUDA is a CPU-only test)."""
+    without_cuda = r"pytest\.mark\.skipif\(\s*not\b[^\n]*cuda"
     ids = set()
     for path in sorted((ROOT / "tests").glob("test_*.py")):
         src = path.read_text()
-        markers = set(re.findall(r"^(\w+)\s*=\s*pytest\.mark\.skipif\([^\n]*cuda", src, re.M | re.I))
+        markers = set(re.findall(r"^(\w+)\s*=\s*" + without_cuda, src, re.M | re.I))
         pending = False
         for line in src.splitlines():
             deco = re.match(r"@(pytest\.mark\.skipif\(.*|\w+)", line)
             name = deco.group(1) if deco else ""
-            if "cuda" in name.lower() if name.startswith("pytest.") else name in markers:
+            if re.match(without_cuda, name, re.I) if name.startswith("pytest.") else name in markers:
                 pending = True
             elif (m := re.match(r"def (test_\w+)", line)) and pending:
                 ids.add(f"tests/{path.name}::{m.group(1)}")
