@@ -30,10 +30,12 @@ def ista_reference(v: Tensor, weight: Tensor, eta: Scalar, lmbda: Scalar, n_step
     return a
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """Map `auto|triton|torch` to the implementation that runs on `device`."""
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Map `auto|triton|torch` to the implementation that runs on `device` for inputs of `dtype` (`auto` takes the
+    kernels only for a dtype they have, so a float64 model on a GPU runs the reference instead of failing)."""
     if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        fused = device.type == "cuda" and triton_available() and (dtype is None or dtype in _DTYPES)
+        return "triton" if fused else "torch"
     if impl not in ("triton", "torch"):
         raise ValueError(f"ista_impl must be 'auto', 'triton' or 'torch', got {impl!r}")
     return impl
@@ -55,7 +57,9 @@ def ista_codes(
 
     `recompute` only affects the fused path (see `ista_fused`); the eager reference ignores it.
     """
-    if resolve_impl(impl, v.device) == "torch":
+    autocast = torch.is_autocast_enabled(v.device.type)
+    dtype = torch.get_autocast_dtype(v.device.type) if autocast else v.dtype  # what the kernels would compute in
+    if resolve_impl(impl, v.device, dtype) == "torch":
         return ista_reference(v, weight, eta, lmbda, n_steps)
     return ista_fused(v, weight, eta, lmbda, n_steps, recompute=recompute)
 

@@ -209,6 +209,17 @@ def test_saved_bytes_recompute_at_most_half_of_eager(learnable: bool) -> None:
     assert recomputed[0] == 4 * (N * d + h * d + N * h) + scal  # v, weight, codes: the block holds them anyway
 
 
+def test_auto_takes_the_kernels_only_for_their_dtypes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` on a GPU: the fused kernels for fp32/bf16/fp16, the reference for float64 (the kernels refuse it)."""
+    monkeypatch.setattr(ista, "triton_available", lambda: True)
+    cuda = torch.device("cuda")
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    got = {dt: ista.resolve_impl("auto", cuda, dt) for dt in dtypes}
+    assert got == {torch.float32: "triton", torch.bfloat16: "triton", torch.float16: "triton", torch.float64: "torch"}
+    assert ista.resolve_impl("auto", torch.device("cpu"), torch.float32) == "torch"
+    assert ista.resolve_impl("triton", cuda, torch.float64) == "triton"  # forced: ista_fused says why it cannot
+
+
 def test_forced_triton_on_cpu_without_interpreter_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     v, weight = torch.randn(3, 16), torch.randn(64, 16)
