@@ -49,6 +49,7 @@ def save(
 ) -> Path:
     """Write `model` as a checkpoint directory at `path`, atomically (replacing any older one)."""
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_dir(path)  # mkdir()'s permissions under the umask, not mkdtemp's 0700
     try:
@@ -63,6 +64,31 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def check_replaceable(path: Path) -> None:
+    """A checkpoint is written by replacing its whole folder: refuse unless `path` is new, an empty folder, or a
+    checkpoint crate-lm wrote (ours, or our transformers export), so that no file of anyone else's is lost."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint folder: choose another output path")
+    entries = sorted(e.name for e in path.iterdir())
+    if not entries or _written_by_us(path):
+        return
+    raise CheckpointError(
+        f"{path} holds files crate-lm did not write ({', '.join(entries[:5])}{'...' if len(entries) > 5 else ''}), "
+        f"and a checkpoint replaces its whole folder: choose a new or empty folder")
+
+
+def _written_by_us(path: Path) -> bool:
+    from crate.hf import OURS_KEY
+
+    try:
+        info = json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and (info.get("format") == FORMAT or OURS_KEY in info)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

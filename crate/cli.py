@@ -50,8 +50,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from crate.checkpoint import load, save
+    from pathlib import Path
 
+    from crate.checkpoint import check_replaceable, load, save
+
+    check_replaceable(Path(args.dst))  # before reading the source
     model = load(args.src, **({"activation": args.activation} if args.activation else {}))
     save(model, args.dst)
     print(f"wrote {args.dst} ({model.config.arch}, {model.num_params():,} parameters)")
@@ -59,9 +62,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from crate.checkpoint import load
+    from pathlib import Path
+
+    from crate.checkpoint import check_replaceable, load
     from crate.hf import checkpoint_tokenizer, export_hf
 
+    check_replaceable(Path(args.out))  # before reading the checkpoint
     model = load(args.checkpoint)
     tok, identity = checkpoint_tokenizer(args.checkpoint, args.data)
     export_hf(model, args.out, tokenizer=tok, tokenizer_identity=identity)

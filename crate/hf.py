@@ -108,8 +108,9 @@ def export_hf(model: LanguageModel, out_dir: str | os.PathLike, tokenizer: Any =
     `tokenizer` (a `tokenizers.Tokenizer`) is saved beside it as a `PreTrainedTokenizerFast`; a CRATE export also
     holds `modeling_crate.py`, named by `auto_map`, so it needs no crate-lm to load."""
     from crate.atomic import fsync_dir, honour_umask, temporary_dir
-    from crate.checkpoint import _replace_dir
+    from crate.checkpoint import _replace_dir, check_replaceable
 
+    check_replaceable(Path(out_dir))
     eot = tokenizer.token_to_id(EOT) if tokenizer is not None else None
     hf = to_transformers(model, eot)
     ours: dict[str, Any] = {"bias": model.config.bias}

@@ -207,10 +207,11 @@ def sweep_files(checkpoints: dict[str, str], data_dir: str | Path, out: str | Pa
                 split: str = "val") -> dict[str, Any]:
     """`crate steer --sweep`: load every checkpoint (DIR or DIR+SAE), check the data's tokenizer, sweep, write."""
     from crate.eval.interpret import InterpretConfig, _load_model
-    from crate.provenance import check_tokenizers
+    from crate.provenance import STAMP, check_owned, check_tokenizers
     from crate.train.data import open_split, read_manifest
 
     cfg.validate()
+    check_owned(out, (RESULT, "steer_sweep.md", "steer_sweep.png", STAMP), "another --out")
     manifest = read_manifest(data_dir)
     models = {}
     for name, ckpt in checkpoints.items():

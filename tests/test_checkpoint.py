@@ -47,6 +47,39 @@ def test_save_replaces_atomically_and_leaves_no_temporaries(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
+def test_writers_never_replace_a_folder_of_other_files(tmp_path, capsys):
+    """A checkpoint replaces its whole folder: save, export-hf, convert and export refuse a folder of someone else's
+    files (naming them), before reading anything, and lose none of them; our own checkpoints are replaced."""
+    from crate.hf import export_hf
+
+    model = crate.build_model("gpt", "micro").eval()
+    theirs = tmp_path / "theirs"
+    (theirs / "sub").mkdir(parents=True)
+    (theirs / "notes.txt").write_text("mine")
+    (theirs / "sub" / "x.txt").write_text("also mine")
+    with pytest.raises(CheckpointError, match=r"theirs holds files crate-lm did not write \(notes.txt, sub\)"):
+        crate.save(model, theirs)
+    with pytest.raises(CheckpointError, match="did not write"):
+        export_hf(model, theirs)
+    src = crate.save(model, tmp_path / "ours")
+    capsys.readouterr()
+    assert cli(["convert", str(tmp_path / "no-such-source"), str(theirs)]) == 2  # refused before the source is read
+    assert "did not write" in capsys.readouterr().err
+    assert cli(["export-hf", str(src), str(theirs)]) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert (theirs / "notes.txt").read_text() == "mine" and (theirs / "sub" / "x.txt").read_text() == "also mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "theirs"]  # nothing moved aside either
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(CheckpointError, match="is a file"):
+        crate.save(model, tmp_path / "file")
+    (tmp_path / "empty").mkdir()
+    crate.save(model, tmp_path / "empty")  # an empty folder, and our own checkpoint and export, are replaced
+    crate.save(model, src)
+    export_hf(model, tmp_path / "hf")
+    export_hf(model, tmp_path / "hf")
+    assert read_info(src)["model"] == model.config.to_dict()
+
+
 def test_kill_during_save_keeps_the_old_checkpoint(tmp_path):
     old = crate.build_model("crate", "micro")
     crate.save(old, tmp_path / "ckpt")

@@ -155,3 +155,16 @@ def test_tables_keep_small_values_and_json_keeps_names(tmp_path):
     assert s["summary"][0]["loss_increase"] is None and s["summary"][0]["loss_increase_ci95"] == [None, None]
     assert s["units"][0] == {"layer": 0, "unit": 1, "max_activation": 1.5, "by_multiple": [{"effect": None}]}
     assert saved["config"]["multiples"] == [2.0] and "2e-05" in (tmp_path / "steer_sweep.md").read_text()
+
+
+def test_sweep_never_writes_into_a_folder_of_other_files(tmp_path):
+    """Refused before any checkpoint or data is read (none of these exist), nothing written."""
+    from crate.eval.steer_sweep import sweep_files
+    from crate.provenance import ProvenanceError
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(ProvenanceError, match=r"holds nothing that crate-lm wrote there \(notes.txt\)"):
+        sweep_files({"crate": str(tmp_path / "no-ckpt")}, tmp_path / "no-data", theirs, SweepConfig())
+    assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]

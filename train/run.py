@@ -40,6 +40,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from crate.atomic import atomic_file, remove_stale_temporaries, write_bytes
 from crate.config import IMPLEMENTATION_KEYS
 from crate.errors import CheckpointError, ConfigError
+from crate.provenance import STAMP, check_owned
 from crate.train.config import RunConfig, load_recipe
 from crate.train.corpus import DataError
 from crate.train.flops import flops_per_token, peak_flops
@@ -478,6 +479,24 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+RUN_OUTPUTS = ("config.yaml", "metrics.csv", "checkpoints", "final", STAMP)
+
+
+def _check_new_run_dir(run_dir: Path) -> None:
+    """A run writes config.yaml, metrics.csv, checkpoints/ and final/ into its folder: a new or empty one, or one of
+    our runs (its config.yaml has the `resolved` section `train` writes), never a folder of files we did not write."""
+    check_owned(run_dir, RUN_OUTPUTS, "another --out")
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        try:
+            doc = yaml.safe_load(cfg.read_text())
+        except yaml.YAMLError:
+            doc = None
+        if not (isinstance(doc, dict) and "resolved" in doc):
+            raise ConfigError(f"{cfg} was not written by crate train (it has no `resolved` section), and a run writes "
+                              f"its own config.yaml there: choose another --out")
+
+
 def _resume_point(cfg: RunConfig, out: str | Path | None, resume: str | Path | None) -> tuple[Path, Path | None]:
     """(run dir, checkpoint to resume from or None): `resume` is a run dir or a .ckpt; a run dir that holds
     checkpoints/last.ckpt resumes from it."""
@@ -550,6 +569,8 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: str | Path | No
 
     t = cfg.train
     run_dir, ckpt_path = _resume_point(cfg, out, resume)
+    if ckpt_path is None:
+        _check_new_run_dir(run_dir)
     show_progress = sys.stdout.isatty() if progress is None else progress
 
     # data first: the model's vocabulary may come from it; shards are validated before any step
@@ -709,6 +730,9 @@ def export_model(model: Any, out: Path, train_cfg: dict[str, Any] | None, tok: A
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, data_dir: str | Path | None = None) -> Path:
     """Any Lightning training checkpoint of ours (last, step-N, best) -> our checkpoint directory."""
+    from crate.checkpoint import check_replaceable
+
+    check_replaceable(Path(out))  # before reading the checkpoint
     ckpt = Path(ckpt)
     state = read_checkpoint_identity(ckpt)
     model = model_from_state(state["crate"]["model"], state["state_dict"])
