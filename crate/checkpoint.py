@@ -189,7 +189,7 @@ def _names(keys: list[str], limit: int = 12) -> str:
 
 def _read_torch_file(path: Path, overrides: dict[str, Any]) -> tuple[ModelConfig, dict[str, Tensor]]:
     """An authors' or nanoGPT checkpoint: a dict with `model` (state dict) and `model_args`."""
-    ckpt = _torch_load(path)
+    ckpt = torch_load(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, expected a dict with 'model' and 'model_args'")
     state = ckpt.get("model", ckpt)
@@ -227,12 +227,13 @@ def _file_kind(path: Path) -> str:
     )
 
 
-def _torch_load(path: Path) -> Any:
+def torch_load(path: Path, mmap: bool = False) -> Any:
     """`torch.load(weights_only=True)` with errors in our words: torch's advice to retry with
-    `weights_only=False` (which runs the file's code) is never passed on, not even as a chained exception."""
+    `weights_only=False` (which runs the file's code) is never passed on, not even as a chained exception.
+    `mmap` maps a zip-format file instead of reading it (Lightning's .ckpt)."""
     kind = _file_kind(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == "zip")
     except pickle.UnpicklingError as e:
         needs = re.search(r"\bGLOBAL ([\w.]+)", str(e))  # a class or function the pickle would import
         if needs:

@@ -153,11 +153,23 @@ class Evil:
         return (os.system, ("echo pwned > /dev/null",))
 
 
-def test_pickle_that_needs_code_is_refused(tmp_path):
+def test_pickle_that_needs_code_is_refused(tmp_path, capsys):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "payload": Evil()}, path)
     with pytest.raises(crate.CheckpointError, match="needs arbitrary code"):
         crate.load(path)
+    # a Lightning .ckpt too, in every command that reads one, before anything else (train would prepare data first);
+    # torch's advice to retry with weights_only=False is never passed on
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"crate": {}, "state_dict": {}, "payload": Evil()}, ckpt)
+    capsys.readouterr()
+    for args in (["eval", "--checkpoint", str(ckpt), "--data", str(tmp_path / "no-data")],
+                 ["export", str(ckpt), str(tmp_path / "out")],
+                 ["train", "--resume", str(ckpt), "--out", str(tmp_path / "run")]):
+        assert cli(args) == 2, args
+        err = capsys.readouterr().err
+        assert "needs arbitrary code" in err and "weights_only" not in err, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.ckpt", "evil.pt"]
 
 
 def test_truncated_files_fail_clearly(tmp_path):

@@ -420,11 +420,10 @@ def _wandb_logger(cfg: RunConfig, run_dir: Path) -> Any:
 
 
 def read_checkpoint_identity(ckpt: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read the training checkpoint {ckpt}: {e}") from None
-    if "crate" not in state:
+    from crate.checkpoint import torch_load
+
+    state = torch_load(Path(ckpt), mmap=True)  # a pickle that needs code, or a damaged file, is refused in our words
+    if not isinstance(state, dict) or "crate" not in state:
         raise CheckpointError(f"{ckpt} is not a crate training checkpoint (no 'crate' entry)")
     return state
 
@@ -571,6 +570,8 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: str | Path | No
     run_dir, ckpt_path = _resume_point(cfg, out, resume)
     if ckpt_path is None:
         _check_new_run_dir(run_dir)
+    else:
+        read_checkpoint_identity(ckpt_path)  # a foreign or unsafe file is refused before any data is prepared
     show_progress = sys.stdout.isatty() if progress is None else progress
 
     # data first: the model's vocabulary may come from it; shards are validated before any step
