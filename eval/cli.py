@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from crate.argtypes import device, nonnegative_int, positive_int
+
 
 def _layers(text: str | None) -> list[int | str] | None:
     if not text or text == "all":
@@ -95,12 +97,13 @@ def register(sub: Any) -> None:
     p.add_argument("--simulator", default=None, help="as --explainer (default: the explainer's)")
     p.add_argument("--layers", default=None, help="e.g. 0,2-4 or hook names; default all")
     p.add_argument("--neurons", default=None, help="all | 0-99,200 | sample:N (a seeded sample per layer)")
-    p.add_argument("--tokens", type=int, default=None, help="tokens of the split to record (default: the protocol's)")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--split", default="val")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass while recording")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--tokens", type=positive_int, default=None,
+                   help="tokens of the split to record (default: the protocol's)")
+    p.add_argument("--seq-len", type=positive_int, default=1024)
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass while recording")
+    p.add_argument("--device", type=device, default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--quantize", choices=["4bit"], default=None, help="load the hf: LLM in 4 bits (bitsandbytes)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the HTTP key")
     p.add_argument("--no-api-key", action="store_true", help="the HTTP endpoint needs no key")
@@ -111,8 +114,11 @@ def register(sub: Any) -> None:
     p.add_argument("--requests-in-flight", type=int, default=None,
                    help="HTTP LLM: concurrent requests (default 256; a vLLM server batches them)")
     p.add_argument("--cache", default=None, help="LLM call cache (default <out>/llm_cache.sqlite)")
-    p.add_argument("--control", action="store_true", help="score a randomly initialised model of the same config")
-    p.add_argument("--controls", action="store_true", help="also score random-init controls of every checkpoint")
+    controls = p.add_mutually_exclusive_group()
+    controls.add_argument("--control", action="store_true",
+                          help="score a randomly initialised model of the same config (instead of the checkpoint)")
+    controls.add_argument("--controls", action="store_true",
+                          help="also score random-init controls of every checkpoint")
     p.add_argument("--exclude-last", choices=["auto", "yes", "no"], default="auto",
                    help="drop the last layer from the model aggregate (auto: for 6 and 12 layers, as the paper)")
     p.add_argument("--no-extra-scores", action="store_true", help="skip detection and fuzzing scores")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from crate.argtypes import device, nonnegative_int, positive_int
+
 
 def _ints(text: str) -> tuple[int, ...]:
     from crate.errors import CrateError
@@ -61,23 +63,23 @@ def register(sub: Any) -> None:
     t.add_argument("--steps", type=int, default=120_000, help="SAE optimiser steps")
     t.add_argument("--batch-tokens", type=int, default=4096, help="activations per SAE step")
     t.add_argument("--lm-batch", type=int, default=4, help="sequences per model forward")
-    t.add_argument("--seq-len", type=int, default=1024)
+    t.add_argument("--seq-len", type=positive_int, default=1024)
     t.add_argument("--buffer-tokens", type=int, default=2**19, help="shuffled activation buffer")
     t.add_argument("--warmup-steps", type=int, default=None, help="LR warm-up (default 5%% of the steps)")
     t.add_argument("--resample-at", default="10000,20000,50000,75000,100000",
                    help="steps at which dead latents are resampled (empty: never)")
     t.add_argument("--dead-window", type=int, default=1000, help="steps without firing that count as dead")
     t.add_argument("--eval-tokens", type=int, default=2**20, help="validation tokens for the metrics")
-    t.add_argument("--split", default="train", help="split the SAE trains on (metrics use val)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    t.add_argument("--split", default="train", choices=["train", "val"], help="split the SAE trains on (metrics use val)")
+    t.add_argument("--seed", type=nonnegative_int, default=0)
+    t.add_argument("--device", type=device, default=None, help="cuda / cpu (default: cuda when available)")
     t.add_argument("--overwrite", action="store_true", help="replace an SAE of other inputs in --out")
     t.set_defaults(func=cmd_sae_train)
     m = s.add_parser("metrics", help="an SAE's metrics on a data split")
     m.add_argument("sae", help="an SAE folder (SAELens format)")
     m.add_argument("--checkpoint", "-c", required=True)
     m.add_argument("--data", "-d", required=True)
-    m.add_argument("--split", default="val")
-    m.add_argument("--tokens", type=int, default=2**20)
-    m.add_argument("--seq-len", type=int, default=1024)
+    m.add_argument("--split", default="val", choices=["train", "val"])
+    m.add_argument("--tokens", type=positive_int, default=2**20)
+    m.add_argument("--seq-len", type=positive_int, default=1024)
     m.set_defaults(func=cmd_sae_metrics)

@@ -8,6 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
+from crate.argtypes import device, positive_int
+
 SIGINT_EXIT = 128 + signal.SIGINT  # 130, what a shell reports for a command stopped by Ctrl-C
 
 
@@ -139,10 +141,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=float, default=None, help="with --tasks: documents per task (or a fraction)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--split", default="val", choices=["train", "val"])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--context", type=int, default=None, help="window length (default: the model's block_size)")
-    p.add_argument("--max-batches", type=int, default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--context", type=positive_int, default=None, help="window length (default: the model's block_size)")
+    p.add_argument("--max-batches", type=positive_int, default=None)
+    p.add_argument("--device", type=device, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -1,0 +1,46 @@
+"""argparse types shared by the commands: a bad value is a one-line usage error (exit 2) naming the flag and the
+valid range, before any work, instead of a traceback from deep inside the run."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def device(text: str) -> str:
+    """cpu, cuda or cuda:N (only when this torch sees that GPU), or mps (when available)."""
+    import torch
+
+    kind, _, index = text.partition(":")
+    if kind == "cpu" and not index:
+        return text
+    if kind == "cuda" and (not index or index.isdigit()):
+        if not torch.cuda.is_available():
+            build = "the CPU build of torch" if torch.version.cuda is None else "no visible GPU"
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device here ({build}); use cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA device(s), cuda:0..")
+        return text
+    if text == "mps" and torch.backends.mps.is_available():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device here: use cpu, or cuda / cuda:N on a GPU machine")
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
