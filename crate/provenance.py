@@ -195,10 +195,22 @@ def check_tokenizers(model_tokenizer: Mapping[str, Any] | None, manifest: Mappin
         raise DataError(
             f"{model_label} was trained with tokenizer {model_tokenizer.get('name')} (sha256 "
             f"{model_tokenizer['sha256'][:12]}) but {data_label} was tokenized with {data_tok.get('name')} (sha256 "
-            f"{data_tok['sha256'][:12]}): prepare the data with the model's tokenizer (`crate prepare ... "
-            f"--tokenizer {model_tokenizer.get('name')}`), or pick the matching data directory")
+            f"{data_tok['sha256'][:12]}): pick the data directory the model was trained on, or prepare the data with "
+            f"the model's tokenizer ({prepare_flags(model_tokenizer.get('name'))})")
+
+
+def prepare_flags(tokenizer_name: str | None) -> str:
+    """How `crate prepare` makes the tokenizer of this name: GPT-2's is fixed; a trained BPE ("bpe-<V>") is the
+    same only when trained on the same corpus with the same settings."""
+    name = str(tokenizer_name or "")
+    if name == "gpt2":
+        return "`crate prepare SOURCE --out DIR --tokenizer gpt2`"
+    if name.startswith("bpe-") and name[4:].isdigit():
+        return (f"`crate prepare SOURCE --out DIR --tokenizer bpe --vocab-size {name[4:]}` on the model's own "
+                f"training corpus: a trained BPE is the model's only when trained on the same text and settings")
+    return f"the tokenizer {name or '(unnamed)'} the model was trained with"
 
 
 __all__ = ["ProvenanceError", "canonical", "digest", "tensors_hash", "weights_hash", "file_hash", "tree_hash",
            "differences", "read_stamp", "write_stamp", "check_stamp", "refuse", "check_owned", "check_tokenizers",
-           "describe", "STAMP"]
+           "describe", "prepare_flags", "STAMP"]

@@ -2,6 +2,7 @@
 destroy results of other inputs, and every input problem is found before any recording or training."""
 
 import json
+import re
 import socket
 
 import numpy as np
@@ -186,8 +187,29 @@ def test_interpret_refuses_data_of_another_tokenizer(tmp_path, two_tokenizers, n
     from crate.train.corpus import DataError
 
     data, ckpt = two_tokenizers
-    with pytest.raises(DataError, match=r"trained with tokenizer bpe-300 .* tokenized with bpe-280"):
+    with pytest.raises(DataError, match=r"trained with tokenizer bpe-300 .* tokenized with bpe-280") as e:
         run_interpret(ckpt, data[280], tmp_path, _cfg(n_tokens=4 * T))
+    # the fix is a command crate prepare accepts (its --tokenizer choices are gpt2 and bpe)
+    assert "`crate prepare SOURCE --out DIR --tokenizer bpe --vocab-size 300`" in str(e.value)
+    import argparse
+
+    from crate.train.cli import register
+
+    parser = argparse.ArgumentParser()  # crate prepare's own parser
+    register(parser.add_subparsers())
+    args = parser.parse_args(["prepare", "SOURCE", "--out", "DIR", "--tokenizer", "bpe", "--vocab-size", "300"])
+    assert (args.tokenizer, args.vocab_size) == ("bpe", 300)
+
+
+def test_crate_eval_refuses_data_of_another_tokenizer_naming_both_hashes(tmp_path, two_tokenizers, capsys):
+    from crate.cli import main
+
+    data, ckpt = two_tokenizers
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data[280])]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"bpe-300 \(sha256 [0-9a-f]{12}\) but .* bpe-280 \(sha256 [0-9a-f]{12}\)", err), err
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data[300]), "--context", "100000"]) == 2
+    assert "--context 100000 exceeds the model's block_size" in capsys.readouterr().err
 
 
 def test_interpret_names_a_run_model_like_the_report(tmp_path, two_tokenizers):

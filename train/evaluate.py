@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crate.errors import CheckpointError
+from crate.errors import CheckpointError, ConfigError
 from crate.train.corpus import DataError
 
 
@@ -46,17 +46,17 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "val", b
              progress: bool = True) -> dict[str, float]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from crate.provenance import check_tokenizers
     from crate.train.data import open_shards, read_manifest
     from crate.train.datamodule import TokenStream
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = load_any(checkpoint, map_location=device)
     manifest = read_manifest(data_dir)
-    if tok and tok.get("sha256") and tok["sha256"] != manifest["tokenizer"]["sha256"]:
-        raise DataError(
-            f"{checkpoint} was trained with tokenizer {tok.get('name')} but {data_dir} was tokenized with "
-            f"{manifest['tokenizer']['name']}: prepare the data with the checkpoint's tokenizer"
-        )
+    check_tokenizers(tok, manifest, str(checkpoint), str(data_dir))
+    if context is not None and context > model.config.block_size:
+        raise ConfigError(f"--context {context} exceeds the model's block_size {model.config.block_size}: give at most "
+                          f"{model.config.block_size}, or leave it out")
     if manifest["vocab_size"] > model.config.vocab_size:
         raise DataError(f"{data_dir} has {manifest['vocab_size']} token ids, the model only {model.config.vocab_size}")
     stream = TokenStream(open_shards(data_dir, split))
