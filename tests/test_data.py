@@ -75,6 +75,21 @@ def test_local_files_txt_jsonl_parquet(tmp_path: Path) -> None:
         D.prepare(str(tmp_path / "missing.txt"), tmp_path / "bad2", **kw)
 
 
+def test_a_prepare_that_failed_on_its_input_can_be_rerun_with_other_inputs(tmp_path: Path) -> None:
+    """A bad argument is refused before anything is written; a corpus that fails after the folder was begun (no
+    shard yet) leaves nothing that a corrected command must match."""
+    (tmp_path / "blank.txt").write_text("   \n\n  ")
+    (tmp_path / "good.txt").write_text("To be, or not to be, that is the question. " * 400)
+    with pytest.raises(DataError, match="vocab_size >= 258"):
+        D.prepare(str(tmp_path / "good.txt"), tmp_path / "a", tokenizer="bpe", vocab_size=10, progress=False)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(DataError):
+        D.prepare(str(tmp_path / "blank.txt"), tmp_path / "b", tokenizer="bpe", vocab_size=300, progress=False)
+    assert (tmp_path / "b" / "progress.json").is_file()  # begun (ours), no shard written
+    out = D.prepare(str(tmp_path / "good.txt"), tmp_path / "b", tokenizer="bpe", vocab_size=300, progress=False)
+    assert D.read_manifest(out)["args"]["source"].endswith("good.txt")
+
+
 def test_resume_after_interruption(small_data: Path, tmp_path: Path, monkeypatch) -> None:
     kw = {**SMALL, "shard_tokens": 20_000}
     reference = D.prepare("embedded", tmp_path / "ref", **kw)

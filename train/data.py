@@ -34,7 +34,7 @@ import numpy as np
 
 from crate.atomic import atomic_file, write_bytes
 from crate.train.corpus import LOCAL_SUFFIXES, DataError, documents
-from crate.train.tokenizer import EOT, gpt2_tokenizer, tokenizer_identity, train_bpe
+from crate.train.tokenizer import EOT, check_bpe_vocab_size, gpt2_tokenizer, tokenizer_identity, train_bpe
 
 FORMAT = "crate-tokens/1"
 SPLITS = ("train", "val")
@@ -341,6 +341,12 @@ def _written_by_prepare(path: Path) -> bool:
     return isinstance(obj, dict) and (obj.get("format") == FORMAT if path.name == MANIFEST else "args" in obj)
 
 
+def _nothing_done(out: Path, state: dict[str, Any]) -> bool:
+    """An interrupted prepare that committed no piece and wrote no shard: starting over with other inputs loses
+    nothing (it failed on its input, e.g. an empty corpus, or was stopped while training its BPE)."""
+    return not state.get("pieces_done") and not any(out.glob("*-*.bin")) and not any(out.glob(".pending-*"))
+
+
 def check_out_dir(out: Path, setting: str = "--out") -> None:
     """Refuse a folder that `prepare` must not write into: one that holds anything but its own output
     (manifest.json, or progress.json of an interrupted run). A new or empty folder is fine."""
@@ -388,6 +394,8 @@ def prepare(
     complete and resumes when interrupted; other inputs are refused unless `overwrite`."""
     if tokenizer not in ("gpt2", "bpe"):
         raise DataError(f"tokenizer must be 'gpt2' or 'bpe', got {tokenizer!r}")
+    if tokenizer == "bpe":
+        check_bpe_vocab_size(vocab_size)
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     try:
@@ -413,6 +421,10 @@ def prepare(
     if (out / PROGRESS).exists():
         state = json.loads((out / PROGRESS).read_text())
         differences = input_differences(state["args"], args, layout=True)
+        if differences and _nothing_done(out, state):  # it stopped before its first shard (a bad corpus or argument)
+            for name in (PROGRESS, TOKENIZER):
+                (out / name).unlink(missing_ok=True)
+            state, differences = {}, []
         if differences:
             raise DataError(f"{out} holds an interrupted `crate prepare` of other inputs ({'; '.join(differences)}): "
                             f"run it with those to finish it, pass --overwrite to start over, or choose another --out")

@@ -49,13 +49,17 @@ def gpt2_tokenizer() -> "Any":
     return tok
 
 
+def check_bpe_vocab_size(vocab_size: int) -> None:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 258:
+        raise DataError(f"a byte-level BPE needs vocab_size >= 258 (256 bytes + <|endoftext|> + 1 merge), got {vocab_size}")
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> "Any":
     """A byte-level BPE with `vocab_size` entries (256 bytes + merges + <|endoftext|>) trained on `texts`."""
     from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
     from tokenizers.models import BPE
 
-    if vocab_size < 258:
-        raise DataError(f"a byte-level BPE needs vocab_size >= 258 (256 bytes + <|endoftext|> + 1 merge), got {vocab_size}")
+    check_bpe_vocab_size(vocab_size)
     tok = Tokenizer(BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
