@@ -145,7 +145,7 @@ def steer(model: torch.nn.Module, ids: list[int], layer: int, neuron: int, value
         raise SteerError(f"k={k}: the number of top tokens shown must be at least 1")
     model.eval()
     used = _ids_used(model, ids)
-    idx = _ids_tensor(model, used)
+    idx = torch.tensor([used], dtype=torch.long, device=next(model.parameters()).device)
     hook = model.neuron_hook(layer)
     logits, cache = model.run_with_cache(idx, [hook])
     with model.steer(layer, neuron, value):

@@ -432,12 +432,13 @@ FIXED_ON_RESUME = ("batch_size", "context", "seed", "betas", "weight_decay", "ep
 
 
 def check_resume(ckpt: Path, model_config: dict[str, Any], tokenizer: dict[str, Any] | None, fsdp: bool,
-                 train_cfg: dict[str, Any] | None = None, data_dir: Path | None = None) -> dict[str, Any]:
+                 train_cfg: dict[str, Any] | None = None, data_dir: Path | None = None,
+                 state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Refuse to resume with another model config, tokenizer, data folder, optimizer-state layout or one of
     the train settings that fix what the run computes (FIXED_ON_RESUME) than the checkpoint's. Returns
     {"step": its step, "changed": {"train.key": [old, new]}} for the train settings that may change (the
     schedule, max_steps, clipping, validation, checkpointing, micro_batch_size with the world size)."""
-    state = read_checkpoint_identity(ckpt)
+    state = state if state is not None else read_checkpoint_identity(ckpt)  # `state`: the caller's reading of it
     saved = state["crate"]
     if bool(saved.get("fsdp")) != fsdp:
         fix = ("resume it with system.strategy=fsdp (any number of processes)" if saved.get("fsdp")
@@ -570,8 +571,8 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: str | Path | No
     run_dir, ckpt_path = _resume_point(cfg, out, resume)
     if ckpt_path is None:
         _check_new_run_dir(run_dir)
-    else:
-        read_checkpoint_identity(ckpt_path)  # a foreign or unsafe file is refused before any data is prepared
+    # read once, before any data is prepared: a foreign or unsafe file is refused first
+    ckpt_state = read_checkpoint_identity(ckpt_path) if ckpt_path is not None else None
     show_progress = sys.stdout.isatty() if progress is None else progress
 
     # data first: the model's vocabulary may come from it; shards are validated before any step
@@ -590,7 +591,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: str | Path | No
     resumed: dict[str, Any] = {}
     if ckpt_path is not None:
         resumed = check_resume(ckpt_path, model_cfg.to_dict(), tok_id, fsdp=cfg.system.strategy == "fsdp",
-                               train_cfg=train_dict, data_dir=data_dir)
+                               train_cfg=train_dict, data_dir=data_dir, state=ckpt_state)
 
     world = world_size(cfg)
     if t.batch_size % (t.micro_batch_size * world):
