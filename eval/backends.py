@@ -75,6 +75,17 @@ def smollm2_path() -> Path:
     return path
 
 
+def _force_fp32_4bit(model) -> None:
+    """Make every bitsandbytes 4-bit layer on a CPU take its fp32 path (dequantize, then an fp32 matmul). On a CPU
+    with AVX512-BF16, bitsandbytes (0.50) would otherwise repack the weights at the first forward and run a fused
+    kernel that casts the activations to bf16, so the same model would give other probabilities on other CPUs."""
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
 class HFLLM:
     """A causal LM from transformers: a hub id, a local directory, or a .gguf file; or a ready (model, tokenizer)."""
 
@@ -136,6 +147,8 @@ class HFLLM:
                 model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except OSError as e:
             raise BackendError(f"cannot load the LLM {source!r}: {e}") from e
+        if quantize == "4bit" and not str(self.device).startswith("cuda"):
+            _force_fp32_4bit(model)
         return model, tok
 
     # candidate strings -> single token ids (None when not a single token)

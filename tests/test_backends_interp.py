@@ -121,16 +121,16 @@ def test_hf_backend_loads_a_hub_id_from_the_offline_cache(tiny_hf, tmp_path, mon
     assert "local directory" in str(e.value)
 
 
-def test_hf_backend_runs_4bit_weights(tiny_hf, tmp_path):
-    """quantize='4bit' (bitsandbytes NF4, as the paper's explainer ran), on CPU: the linear layers hold packed 4-bit
-    weights, and the slot probabilities are those of the same model with its weights replaced by their dequantized
-    values (reference: a plain transformers forward), not those of the full-precision weights."""
+def _4bit_models(tiny_hf, tmp_path):
+    """A tiny GPT-2 with large weights (peaked probabilities, so 4-bit rounding shows in them), loaded in full precision
+    and through HFLLM(quantize='4bit'), and the full model with its weights replaced by the 4-bit model's dequantized
+    values (a plain transformers forward: the independent reference)."""
     import copy
 
     import bitsandbytes as bnb
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)  # large weights: peaked probabilities, so 4-bit rounding shows in them
+    torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_hf.tok), n_embd=64, n_layer=1, n_head=2,
                                        initializer_range=0.3, bos_token_id=None, eos_token_id=None))
     model.save_pretrained(tmp_path)
@@ -140,20 +140,65 @@ def test_hf_backend_runs_4bit_weights(tiny_hf, tmp_path):
     layers = {n: m for n, m in q4.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert len(layers) == 4 and all(m.weight.dtype == torch.uint8 for m in layers.values())  # attn, proj, fc, proj
     assert q4.identity["quantize"] == "4bit" and q4.identity["n_params"] == full.identity["n_params"]
-    assert all(m.compute_dtype == torch.float32 for m in layers.values())  # CPU: fp32 compute, see HFLLM._load
-
     dequantized = copy.deepcopy(full.model)
     targets = dict(dequantized.named_modules())
     with torch.no_grad():
         for name, m in layers.items():  # GPT-2's Conv1D stores the transpose of a Linear weight
             targets[name].weight.copy_(bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).T)
+    return full, q4, layers, dequantized, [targets[n] for n in layers]
+
+
+PROMPTS = [simulate_pieces("cats", ["the", " cat"]), simulate_pieces("x", ["a", "b", "c"])]
+
+
+@pytest.mark.parametrize("cpu_has_avx512_bf16", [False, True])
+def test_hf_backend_runs_4bit_weights_in_fp32_on_every_cpu(tiny_hf, tmp_path, monkeypatch, cpu_has_avx512_bf16):
+    """quantize='4bit' (bitsandbytes NF4, as the paper's explainer ran) on a CPU computes in fp32 whatever the CPU: the
+    slot probabilities are those of the same model with its weights replaced by their dequantized values, not those of
+    the full-precision weights. bitsandbytes decides per layer, when it builds it, whether the CPU has AVX512-BF16 (then
+    it would cast activations to bf16); the True case builds the layers as on such a CPU, on any CPU."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: cpu_has_avx512_bf16)
+    full, q4, layers, dequantized, _ = _4bit_models(tiny_hf, tmp_path)
+    assert all(m.compute_dtype == torch.float32 and not m.support_avx512bf16_for_cpu for m in layers.values())
     ref = HFLLM(model=dequantized, tokenizer=tiny_hf.tok, device="cpu", batch_size=2)
-    prompts = [simulate_pieces("cats", ["the", " cat"]), simulate_pieces("x", ["a", "b", "c"])]
-    got, want, unquantized = (m.slot_probs(prompts, DIGITS) for m in (q4, ref, full))
+    got, want, unquantized = (m.slot_probs(PROMPTS, DIGITS) for m in (q4, ref, full))
     for g, w, u in zip(got, want, unquantized):
-        # fp32 compute on CPU: the 4-bit model is its dequantized weights up to fp32 summation order
+        # the 4-bit model is its dequantized weights up to fp32 summation order
         np.testing.assert_allclose(g[:, :10], w[:, :10], rtol=1e-4, atol=1e-7)
         assert np.abs(u[:, :10] / w[:, :10] - 1).max() > 0.5  # full precision is far off: the test can tell
+
+
+def test_bitsandbytes_fused_bf16_path_is_what_we_avoid(tiny_hf, tmp_path):
+    """Where the CPU has AVX512-BF16, bitsandbytes' own choice (forced back on here) is a fused kernel with bf16
+    activations: its probabilities are within twice a bf16 reference's error (inputs, weights and outputs of every
+    4-bit layer rounded to bf16) and not those of the fp32 path. This documents what HFLLM's fp32 choice avoids."""
+    import bitsandbytes as bnb
+
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip(f"bitsandbytes takes its fused bf16 path only on a CPU with AVX512-BF16; this one has "
+                    f"{torch.backends.cpu.get_cpu_capability()} without it")
+    full, q4, layers, dequantized, convs = _4bit_models(tiny_hf, tmp_path)
+    fp32 = HFLLM(model=dequantized, tokenizer=tiny_hf.tok, device="cpu", batch_size=2).slot_probs(PROMPTS, DIGITS)
+    for m in layers.values():
+        m.support_avx512bf16_for_cpu = True
+    fused = q4.slot_probs(PROMPTS, DIGITS)
+
+    def bf16(t):
+        return t.to(torch.bfloat16).float()
+
+    with torch.no_grad():
+        for c in convs:
+            c.weight.copy_(bf16(c.weight))
+            bias = c.bias.detach().clone()
+            c.bias.zero_()
+            c.register_forward_pre_hook(lambda mod, args: (bf16(args[0]),))
+            c.register_forward_hook(lambda mod, args, out, b=bias: bf16(out) + b)
+    rounded = HFLLM(model=dequantized, tokenizer=tiny_hf.tok, device="cpu", batch_size=2).slot_probs(PROMPTS, DIGITS)
+    for f, r, w in zip(fused, rounded, fp32):
+        assert np.abs(f - r).max() <= 2 * np.abs(r - w).max() + 1e-6
+        assert np.abs(f - w).max() > 1e-4  # not the fp32 path
 
 
 # --------------------------------------------------------------------------------------------------------
