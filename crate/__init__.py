@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "build_model": "crate.model", "LanguageModel": "crate.model",
-    "load": "crate.checkpoint",
+    "load": "crate.loading",
     "ModelConfig": "crate.config", "preset_config": "crate.config",
     "CrateError": "crate.errors", "ConfigError": "crate.errors", "CheckpointError": "crate.errors",
     "TokenOutOfRangeError": "crate.errors",

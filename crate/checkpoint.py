@@ -35,6 +35,7 @@ from crate.model import LanguageModel
 FORMAT = "crate-lm/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+OURS_KEY = "crate_lm"  # our fields in the config.json of a transformers export
 TIED = "lm_head.weight"
 COMPILE_PREFIX = "_orig_mod."
 NANOGPT_ARGS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias", "dropout")
@@ -59,7 +60,7 @@ def save(
         (tmp / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
         honour_umask(tmp)  # safetensors creates its file 0600
         fsync_dir(tmp)
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -82,8 +83,6 @@ def check_replaceable(path: Path) -> None:
 
 
 def _written_by_us(path: Path) -> bool:
-    from crate.hf import OURS_KEY
-
     try:
         info = json.loads((path / CONFIG).read_text())
     except (OSError, ValueError):
@@ -91,7 +90,7 @@ def _written_by_us(path: Path) -> bool:
     return isinstance(info, dict) and (info.get("format") == FORMAT or OURS_KEY in info)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Rename `src` onto `dst`; an existing `dst` is moved aside first and removed only afterwards."""
     old = None
     if dst.exists():
@@ -103,52 +102,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The `config.json` of one of our checkpoint directories."""
-    path = Path(path)
-    cfg = path / CONFIG
-    from crate.hf import hf_info, is_hf_dir
-
-    if is_hf_dir(path):  # a transformers directory (GPT2LMHeadModel, CrateForCausalLM)
-        return hf_info(path)
-    if not cfg.is_file():
-        raise CheckpointError(f"{path} is not a crate-lm checkpoint directory: {CONFIG} is missing")
-    try:
-        info = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg} is not valid JSON ({e}): the checkpoint is corrupted, re-export it") from e
-    if info.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg} has format {info.get('format')!r}, expected {FORMAT!r}")
-    return info
-
-
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", **overrides: Any) -> LanguageModel:
-    """A model in eval mode from our checkpoint directory, an authors'/nanoGPT `.pt` file, or a transformers
-    `GPT2LMHeadModel` / `CrateForCausalLM` directory or hub id (offline: from the local Hugging Face cache).
-
-    `overrides` change config fields that do not affect the weights' shapes (e.g. `ista_impl`,
-    `dropout`, or `activation` for a GPT file that does not record it)."""
-    path = Path(path)
-    if not path.exists():
-        from crate.hf import resolve_hub_id
-
-        path = resolve_hub_id(str(path))  # a hub id, read from the local Hugging Face cache; else FileNotFoundError
-    from crate.hf import is_hf_dir, read_hf_dir
-
-    if is_hf_dir(path):  # a transformers directory (GPT2LMHeadModel, CrateForCausalLM)
-        config, state = read_hf_dir(path, overrides)
-    elif path.is_dir():
-        info = read_info(path)
-        config = ModelConfig.from_dict({**info["model"], **overrides})
-        state = _read_safetensors(path / WEIGHTS)
-    else:
-        config, state = _read_torch_file(path, overrides)
-    model = LanguageModel(config)
-    load_state(model, state)
-    return model.to(map_location).eval()
-
-
-def _read_safetensors(file: Path) -> dict[str, Tensor]:
+def read_safetensors(file: Path) -> dict[str, Tensor]:
     if not file.is_file():
         raise CheckpointError(f"{file} is missing: the checkpoint directory is incomplete")
     try:
@@ -187,7 +141,7 @@ def _names(keys: list[str], limit: int = 12) -> str:
     return str(keys) if len(keys) <= limit else f"{keys[:limit]} and {len(keys) - limit} more"
 
 
-def _read_torch_file(path: Path, overrides: dict[str, Any]) -> tuple[ModelConfig, dict[str, Tensor]]:
+def read_torch_file(path: Path, overrides: dict[str, Any]) -> tuple[ModelConfig, dict[str, Tensor]]:
     """An authors' or nanoGPT checkpoint: a dict with `model` (state dict) and `model_args`."""
     ckpt = torch_load(path)
     if not isinstance(ckpt, dict):

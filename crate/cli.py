@@ -1,11 +1,8 @@
 """crate-lm: train, evaluate and interpret CRATE language models against a GPT-2 baseline.
 
-Subcommands match what people do: info, convert and export-hf live here; prepare, train and eval in
-`crate.train.cli`; interpret in `crate.eval.cli`; report, browse, steer, reproduce, study and demo in
-`crate.eval.report_cli`.
-
-Each subsystem's module exposes `register(subparsers)`; heavy imports stay inside the handlers so
-that `crate --help` is instant.
+`COMMANDS` is the one table of subcommands: each names the module that holds its handler and options
+(`add_<command>(parser)`, beside the package it runs), so the handlers live with their packages and this file
+says what exists. Those modules import only argparse-level code at the top, so `crate --help` is instant.
 """
 
 from __future__ import annotations
@@ -17,7 +14,29 @@ from collections.abc import Sequence
 
 from crate.config import ACTIVATIONS
 
-SUBSYSTEMS = ("crate.train.cli", "crate.eval.cli", "crate.eval.report_cli", "crate.eval.sae_cli")
+# command -> (the module with `add_<command>(parser)`, one line of help), in the order `crate --help` lists them
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("crate.cli", "versions, devices and the presets with their parameter counts"),
+    "prepare": ("crate.train.cli", "tokenize a text source into memmap shards with a train/val split"),
+    "train": ("crate.train.cli", "train from a YAML recipe (default: tiny CRATE on the embedded corpus)"),
+    "export": ("crate.train.cli", "export a training checkpoint (.ckpt) to our checkpoint directory"),
+    "convert": ("crate.cli", "convert an authors'/nanoGPT .pt checkpoint into our format"),
+    "export-hf": ("crate.cli", "export a checkpoint to transformers (CRATE: CrateForCausalLM, GPT: GPT2LMHeadModel)"),
+    "eval": ("crate.eval.evaluate.cli",
+             "validation loss and perplexity on a prepared split, or lm-eval tasks (--tasks)"),
+    "interpret": ("crate.eval.autointerp.cli", "record activations, explain / simulate / score neurons, summarise"),
+    "sae": ("crate.eval.sae.cli", "sparse autoencoders on a model's neurons (GPT-SAE): train, metrics"),
+    "steer": ("crate.eval.steer.cli", "clamp one neuron at every position; top next tokens before and after "
+              "(--sweep: the steering measurement over sampled units and clamp values)"),
+    "report": ("crate.eval.report.cli", "the paper's tables and figures from interpret results and training runs"),
+    "browse": ("crate.eval.report.cli", "write a static HTML neuron browser for interpret results"),
+    "demo": ("crate.eval.workflows.cli",
+             "tiny CRATE vs tiny GPT on the embedded corpus: train, interpret, report, browse"),
+    "reproduce": ("crate.eval.workflows.cli",
+                  "the paper's pipeline for both archs: prepare, train, record, score, report"),
+    "study": ("crate.eval.workflows.cli", "the paper's claim at CPU scale: 1L/2L/3L CRATE vs GPT (and GPT-SAE), "
+              "several training seeds, seed-aware intervals and a verdict per claim"),
+}
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -52,7 +71,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from crate.checkpoint import check_replaceable, load, save
+    from crate.checkpoint import check_replaceable, save
+    from crate.loading import load
 
     check_replaceable(Path(args.dst))  # before reading the source
     model = load(args.src, **({"activation": args.activation} if args.activation else {}))
@@ -64,8 +84,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from crate.checkpoint import check_replaceable, load
-    from crate.hf import checkpoint_tokenizer, export_hf
+    from crate.checkpoint import check_replaceable
+    from crate.loading import load
+    from crate.hf import export_hf
+    from crate.loading import checkpoint_tokenizer
 
     check_replaceable(Path(args.out))  # before reading the checkpoint
     model = load(args.checkpoint)
@@ -77,14 +99,11 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crate", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("info", help="versions, devices and the presets with their parameter counts")
+def add_info(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("convert", help="convert an authors'/nanoGPT .pt checkpoint into our format")
+
+def add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="a .pt file (authors' release or nanoGPT) or one of our checkpoint directories")
     p.add_argument("dst", help="output checkpoint directory")
     p.add_argument("--activation", choices=ACTIVATIONS,
@@ -92,20 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "gelu_exact: erf, as nanoGPT's nn.GELU())")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export-hf", help="export a checkpoint to transformers (CRATE: CrateForCausalLM, GPT: GPT2LMHeadModel)")
+
+def add_export_hf(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.add_argument("--data", default=None, help="a prepared data directory whose tokenizer to export (default: the checkpoint's)")
     p.set_defaults(func=cmd_export_hf)
 
-    for name in SUBSYSTEMS:
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crate", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
         try:
-            module = importlib.import_module(name)
+            handlers = importlib.import_module(module)
         except ModuleNotFoundError as e:
-            if e.name != name:
+            if e.name != module:
                 raise
             continue
-        module.register(sub)
+        getattr(handlers, "add_" + name.replace("-", "_"))(sub.add_parser(name, help=help_text))
     return parser
 
 

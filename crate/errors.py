@@ -15,3 +15,7 @@ class CheckpointError(CrateError):
 
 class TokenOutOfRangeError(CrateError):
     """Token ids that the embedding does not have (wrong tokenizer or corrupted data)."""
+
+
+class DataError(CrateError):
+    """Data that cannot be prepared or trained on (missing source, bad shards, mismatched tokenizer)."""

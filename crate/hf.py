@@ -22,18 +22,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from crate.atomic import fsync_dir, honour_umask, temporary_dir
+from crate.checkpoint import OURS_KEY, replace_dir, check_replaceable
 from crate.config import ModelConfig
 from crate.errors import CheckpointError, ConfigError
 from crate.model import LanguageModel
+from crate.tokenizer import EOT
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MODELING_FILE = Path(__file__).with_name("modeling_crate.py")
 AUTO_MAP = {"AutoConfig": "modeling_crate.CrateConfig", "AutoModel": "modeling_crate.CrateModel",
             "AutoModelForCausalLM": "modeling_crate.CrateForCausalLM"}
-EOT = "<|endoftext|>"
 # what transformers' config cannot say travels in the exported config.json under this key: our tokenizer
 # identity ({"name", "vocab_size", "sha256"}) and, for GPT, whether the (zero) biases are absent in our model
-OURS_KEY = "crate_lm"
 # HF activations that are exactly one of ours (our "gelu" is the tanh approximation, "gelu_exact" the erf GELU)
 GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu": "relu"}
 HF_ACTIVATION = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
@@ -107,8 +108,6 @@ def export_hf(model: LanguageModel, out_dir: str | os.PathLike, tokenizer: Any =
 
     `tokenizer` (a `tokenizers.Tokenizer`) is saved beside it as a `PreTrainedTokenizerFast`; a CRATE export also
     holds `modeling_crate.py`, named by `auto_map`, so it needs no crate-lm to load."""
-    from crate.atomic import fsync_dir, honour_umask, temporary_dir
-    from crate.checkpoint import _replace_dir, check_replaceable
 
     check_replaceable(Path(out_dir))
     eot = tokenizer.token_to_id(EOT) if tokenizer is not None else None
@@ -129,7 +128,7 @@ def export_hf(model: LanguageModel, out_dir: str | os.PathLike, tokenizer: Any =
             hf_tokenizer(tokenizer, model.config.block_size).save_pretrained(tmp)
         honour_umask(tmp)
         fsync_dir(tmp)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -143,33 +142,6 @@ def hf_tokenizer(tokenizer: Any, max_length: int):  # -> PreTrainedTokenizerFast
     special = EOT if tokenizer.token_to_id(EOT) is not None else None
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special, eos_token=special,
                                    unk_token=special, model_max_length=max_length)
-
-
-def checkpoint_tokenizer(checkpoint: str | os.PathLike, data: str | os.PathLike | None = None
-                         ) -> tuple[Any, dict | None]:
-    """(tokenizers.Tokenizer or None, identity or None) of a checkpoint: from --data, the checkpoint's folder or
-    metadata, or GPT-2's BPE when the identity says gpt2."""
-    from crate.eval.steer import find_tokenizer
-
-    path = Path(checkpoint)
-    identity = None
-    if path.is_dir() and (path / "config.json").is_file():
-        from crate.checkpoint import read_info
-
-        identity = read_info(path).get("tokenizer")
-    tok = find_tokenizer(path, data)
-    if tok is None and identity and identity.get("name") == "gpt2":
-        from crate.train.tokenizer import gpt2_tokenizer
-
-        tok = gpt2_tokenizer()
-    if tok is not None and identity and identity.get("sha256"):
-        from crate.train.tokenizer import tokenizer_identity
-
-        found = tokenizer_identity(tok, identity.get("name", ""))["sha256"]
-        if found != identity["sha256"]:
-            raise CheckpointError(f"the tokenizer found for {checkpoint} (sha256 {found[:12]}) is not the one it "
-                                  f"was trained with ({identity['sha256'][:12]}): pass --data with the run's data")
-    return tok, identity
 
 
 # --- in: transformers -> our model ----------------------------------------------------------

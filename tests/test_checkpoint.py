@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import crate
-from crate.checkpoint import read_info
+from crate.loading import read_info
 from crate.errors import CheckpointError
 from crate.cli import main as cli
 

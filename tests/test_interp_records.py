@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from crate import build_model
-from crate.eval.activations import (
+from crate.eval.record.recorder import (
     LayerRecording, RecordingSpec, neuron_windows, random_positions, record_activations,
     window_token_ids, write_records,
 )
-from crate.eval.records import (
+from crate.eval.record.neuron_record import (
     ActivationRecord, NeuronId, NeuronRecord, load_neuron_record, loads, record_path, to_dict,
 )
 
@@ -165,7 +165,7 @@ def test_neuron_record_json_roundtrip_in_neuron_explainer_format(setup, tmp_path
 
 
 def test_explanation_free_measures_match_brute_force(setup):
-    from crate.eval.measures import layer_measures
+    from crate.eval.record.measures import layer_measures
 
     model, stream, rec, A = setup
     m = layer_measures(rec, always_on_threshold=0.5, top_records=6)

@@ -13,11 +13,11 @@ import torch
 
 from crate import build_model
 from crate.errors import CrateError
-from crate.eval.backends import HFLLM, HTTPLLM, CachedLLM, prefix_groups, token_batches
-from crate.eval.interpret import InterpretConfig, plan_interpret, run_interpret
-from crate.eval.prompts import DIGITS, detection_prompt, explain_prompt, simulate_pieces
-from crate.eval.activations import Window
-from crate.eval.simulate import LLMExplainer, LLMSimulator, StatsExplainer, StatsSimulator
+from crate.eval.llm.backends import HFLLM, HTTPLLM, CachedLLM, prefix_groups, token_batches
+from crate.eval.autointerp.interpret import InterpretConfig, plan_interpret, run_interpret
+from crate.eval.autointerp.prompts import DIGITS, detection_prompt, explain_prompt, simulate_pieces
+from crate.eval.record.recorder import Window
+from crate.eval.autointerp.simulate import LLMExplainer, LLMSimulator, StatsExplainer, StatsSimulator
 from test_backends_interp import JSONHandler, tiny_hf  # noqa: F401 - the fixture
 
 T = 32
@@ -297,7 +297,7 @@ class _EchoLLM:
 def test_progress_note_counts_cache_hits_of_the_shared_cache_once(tmp_path):
     from types import SimpleNamespace
 
-    from crate.eval.interpret import _cache_note
+    from crate.eval.autointerp.interpret import _cache_note
 
     cached = CachedLLM(_EchoLLM(), tmp_path / "c.sqlite")
     plan = SimpleNamespace(explainer=LLMExplainer(cached), simulator=LLMSimulator(cached))
@@ -313,7 +313,7 @@ def test_an_explanation_stops_where_its_parse_is_fixed():
     rich in the markers), and generation stopped there gives the explanation of the full completion."""
     import random
 
-    from crate.eval.prompts import explanation_complete, parse_explanation
+    from crate.eval.autointerp.prompts import explanation_complete, parse_explanation
 
     rng = random.Random(0)
     parts = ["a", "b", " ", ".", "\n", "<end>", "Neuron ", "Neuro", "<en", ". ", "\t"]

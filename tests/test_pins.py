@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from crate.config import preset_config
-from crate.eval.activations import Window
-from crate.eval.simulate import LLMExplainer, StatsExplainer
+from crate.eval.record.recorder import Window
+from crate.eval.autointerp.simulate import LLMExplainer, StatsExplainer
 from crate.train.module import LMModule
 
 TRAIN = {"lr": 6e-4, "min_lr": 6e-5, "warmup_steps": 5, "lr_decay_steps": 25, "max_steps": 40, "weight_decay": 0.1,

@@ -11,11 +11,11 @@ import torch
 
 import crate
 from crate import build_model
-from crate.eval import interpret as interp
-from crate.eval.backends import BackendError
-from crate.eval.interpret import InterpretConfig, model_identity, run_interpret
-from crate.eval.report import ReportError, load_model_result
-from crate.eval.simulate import StatsExplainer
+from crate.eval.autointerp import interpret as interp
+from crate.eval.llm.backends import BackendError
+from crate.eval.autointerp.interpret import InterpretConfig, model_identity, run_interpret
+from crate.eval.report.results import ReportError, load_model_result
+from crate.eval.autointerp.simulate import StatsExplainer
 from crate.provenance import ProvenanceError, differences, digest, tensors_hash
 from conftest import prepare_tiny
 from test_backends_interp import server  # noqa: F401  (the loopback OpenAI-compatible server fixture)
@@ -184,19 +184,16 @@ def two_tokenizers(tmp_path_factory):
 
 
 def test_interpret_refuses_data_of_another_tokenizer(tmp_path, two_tokenizers, no_recording):
-    from crate.train.corpus import DataError
+    from crate.errors import DataError
 
     data, ckpt = two_tokenizers
     with pytest.raises(DataError, match=r"trained with tokenizer bpe-300 .* tokenized with bpe-280") as e:
         run_interpret(ckpt, data[280], tmp_path, _cfg(n_tokens=4 * T))
     # the fix is a command crate prepare accepts (its --tokenizer choices are gpt2 and bpe)
     assert "`crate prepare SOURCE --out DIR --tokenizer bpe --vocab-size 300`" in str(e.value)
-    import argparse
+    from crate.cli import build_parser
 
-    from crate.train.cli import register
-
-    parser = argparse.ArgumentParser()  # crate prepare's own parser
-    register(parser.add_subparsers())
+    parser = build_parser()  # crate prepare's own parser
     args = parser.parse_args(["prepare", "SOURCE", "--out", "DIR", "--tokenizer", "bpe", "--vocab-size", "300"])
     assert (args.tokenizer, args.vocab_size) == ("bpe", 300)
 
@@ -213,7 +210,7 @@ def test_crate_eval_refuses_data_of_another_tokenizer_naming_both_hashes(tmp_pat
 
 
 def test_interpret_names_a_run_model_like_the_report(tmp_path, two_tokenizers):
-    from crate.eval.interpret import model_label
+    from crate.eval.models import model_label
 
     assert model_label("runs/crate-tiny/final") == "crate-tiny" and model_label("x/ckpt-crate-12l.pt") == "ckpt-crate-12l"
     data, ckpt = two_tokenizers
@@ -222,7 +219,7 @@ def test_interpret_names_a_run_model_like_the_report(tmp_path, two_tokenizers):
 
 
 def test_reproduce_checks_the_whole_plan_before_step_1(tmp_path):
-    from crate.eval.pipeline import PipelineError, ReproduceOptions, reproduce
+    from crate.eval.workflows.steps import PipelineError, ReproduceOptions, reproduce
 
     opts = ReproduceOptions(out=tmp_path / "r", sizes=["1L"], source="embedded", explainer="nonsense",
                             simulator="stats", protocols=["tar", "bogus"], train_overrides=["train.lr=fast"])
@@ -238,7 +235,7 @@ def test_reproduce_checks_the_whole_plan_before_step_1(tmp_path):
 def test_a_pipeline_run_of_another_recipe_is_refused_not_skipped(tmp_path, two_tokenizers, capsys):
     """`crate demo --steps 50` into a 300-step output announced 50 steps, skipped them and printed the old table.
     A training step of the pipelines now compares its recipe with the run's stamp."""
-    from crate.eval.pipeline import train_model
+    from crate.eval.workflows.steps import train_model
 
     data, _ = two_tokenizers
     model = {"arch": "crate", "preset": "micro", "vocab_size": None}
@@ -273,7 +270,7 @@ def test_interrupted_interpret_says_how_to_resume(monkeypatch, capsys):
 
 def test_progress_rate_counts_only_this_runs_work(monkeypatch):
     """The bar once showed 1,108,647.4 neurons/s: neurons reused from disk were counted as scored in no time."""
-    from crate.eval.interpret import _Progress, rate_text
+    from crate.eval.autointerp.interpret import _Progress, rate_text
 
     assert rate_text(3, 10.0, "neurons") == "1,080 neurons/h" and rate_text(30, 10.0, "neurons") == "3.0 neurons/s"
     clock = iter([100.0, 160.0])
@@ -297,8 +294,8 @@ def test_progress_rate_counts_only_this_runs_work(monkeypatch):
 def test_variance_is_printed_in_the_papers_units():
     """SPEC.md 6: the paper's variance is the population variance of the x100 layer means (7.8 and 8.3 give 0.0625).
     summary.md once printed the variance of the raw means x100 (100 times too small)."""
-    from crate.eval.interpret import summary_markdown
-    from crate.eval.stats import model_aggregate
+    from crate.eval.autointerp.interpret import summary_markdown
+    from crate.eval.stats.neurons import model_aggregate
 
     agg = model_aggregate({"0": 0.078, "1": 0.083}, n_layer=2)
     assert agg["var_pop"] == pytest.approx(0.0025 ** 2)  # raw correlations
@@ -307,8 +304,8 @@ def test_variance_is_printed_in_the_papers_units():
 
 
 def test_steer_refuses_data_of_another_tokenizer(two_tokenizers):
-    from crate.eval.steer import find_tokenizer
-    from crate.train.corpus import DataError
+    from crate.loading import find_tokenizer
+    from crate.errors import DataError
 
     data, ckpt = two_tokenizers
     assert find_tokenizer(ckpt, data[300]) is not None

@@ -1,4 +1,4 @@
-"""Hand-made interpretability results and training runs in the layout of `crate.eval.interpret` / `crate train`.
+"""Hand-made interpretability results and training runs in the layout of `crate.eval.autointerp.interpret` / `crate train`.
 
 The numbers are chosen so the report's statistics can be checked by hand (see tests/test_report.py)."""
 

@@ -7,7 +7,7 @@ import torch
 
 from crate import build_model, save
 from crate.cli import main
-from crate.eval.steer import SteerError, parse_prompt, steer, zero_check
+from crate.eval.steer.clamp import SteerError, parse_prompt, steer, zero_check
 from test_model import crate_forward_float64, gpt_forward_float64
 
 NEURON, TOKEN = 7, 42
@@ -102,7 +102,7 @@ def test_cli_prints_the_table(tmp_path, capsys) -> None:
 
 
 def test_a_prompt_longer_than_the_context_reports_the_tokens_used(capsys) -> None:
-    from crate.eval.steer import render
+    from crate.eval.steer.clamp import render
 
     model = rigged("gpt")
     T = model.config.block_size

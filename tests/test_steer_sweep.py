@@ -14,7 +14,7 @@ import torch
 import crate
 from crate import build_model
 from crate.cli import main
-from crate.eval.steer_sweep import SweepConfig, measure_unit, renormalised_kl, sweep
+from crate.eval.steer.sweep import SweepConfig, measure_unit, renormalised_kl, sweep
 from test_steer import NEURON, TOKEN, rigged
 
 T = 16
@@ -61,7 +61,7 @@ def test_clamping_a_unit_the_head_ignores_costs_nothing(arch):
 
 @torch.no_grad()
 def test_a_latent_with_no_decoder_direction_costs_nothing():
-    from crate.eval.sae import SAEModel
+    from crate.eval.sae.train import SAEModel
     from test_sae import _identity_sae
 
     torch.manual_seed(0)
@@ -140,7 +140,7 @@ def test_cli_steer_sweep_writes_json_table_and_plot(tmp_path, capsys):
 def test_tables_keep_small_values_and_json_keeps_names(tmp_path):
     """Hand-made sweep: a KL of 2e-05 is printed, not rounded to 0; NaN becomes null value by value, so a system
     whose name contains "NaN" keeps it."""
-    from crate.eval.steer_sweep import sweep_markdown, write_sweep
+    from crate.eval.steer.sweep import sweep_markdown, write_sweep
 
     nan = float("nan")
     row = {"multiple": 2.0, "n_units": 3, "effect": 0.5, "effect_ci95": [0.25, 0.75], "kl": 2e-5,
@@ -159,7 +159,7 @@ def test_tables_keep_small_values_and_json_keeps_names(tmp_path):
 
 def test_sweep_never_writes_into_a_folder_of_other_files(tmp_path):
     """Refused before any checkpoint or data is read (none of these exist), nothing written."""
-    from crate.eval.steer_sweep import sweep_files
+    from crate.eval.steer.sweep import sweep_files
     from crate.provenance import ProvenanceError
 
     theirs = tmp_path / "theirs"

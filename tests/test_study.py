@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from crate.errors import CrateError
-from crate.eval import stats
-from crate.eval.study_report import claims
+from crate.eval.stats import neurons as neuron_stats
+from crate.eval.stats import seeds as seed_stats
+from crate.eval.report.study import claims
 
 
 def test_seed_aware_interval_of_a_hand_computed_case():
@@ -19,16 +20,16 @@ def test_seed_aware_interval_of_a_hand_computed_case():
     # neurons-only interval is the point; the mean of 3 seeds drawn with replacement from {0, 0.3, 0.6} is 0 with
     # probability 1/27 = 3.7% and 0.6 with 1/27 (both > 2.5%), so the seed-aware 95% interval is [0, 0.6]
     runs = [{"0": [v] * 5, "1": [v] * 7} for v in (0.0, 0.3, 0.6)]
-    seeds = stats.seed_bootstrap(runs, n_boot=4000, seed=1)
-    fixed = stats.seed_bootstrap(runs, n_boot=4000, seed=1, resample_seeds=False)
+    seeds = seed_stats.seed_bootstrap(runs, n_boot=4000, seed=1)
+    fixed = seed_stats.seed_bootstrap(runs, n_boot=4000, seed=1, resample_seeds=False)
     assert seeds["estimate"] == pytest.approx(0.3) and fixed["estimate"] == pytest.approx(0.3)
     assert seeds["ci95"] == pytest.approx([0.0, 0.6], abs=1e-12)
     assert fixed["ci95"] == pytest.approx([0.3, 0.3], abs=1e-12)
     # one seed with neurons {0, 1}: a resampled mean is 0, 0.5 or 1 (1/4, 1/2, 1/4): the interval is [0, 1]
-    one = stats.seed_bootstrap([{"0": [0.0, 1.0]}], n_boot=4000, seed=2)
+    one = seed_stats.seed_bootstrap([{"0": [0.0, 1.0]}], n_boot=4000, seed=2)
     assert one["ci95"] == pytest.approx([0.0, 1.0]) and one["n_seeds"] == 1
     # NaN scores (dead neurons) and layers without a finite score are left out
-    assert stats.seed_bootstrap([{"0": [0.2, math.nan], "1": [math.nan]}], n_boot=50)["estimate"] == pytest.approx(0.2)
+    assert seed_stats.seed_bootstrap([{"0": [0.2, math.nan], "1": [math.nan]}], n_boot=50)["estimate"] == pytest.approx(0.2)
 
 
 def test_two_level_bootstrap_variance_matches_its_formula():
@@ -39,12 +40,12 @@ def test_two_level_bootstrap_variance_matches_its_formula():
     model_means = [np.mean([v.mean() for v in r.values()]) for r in runs]
     within = [sum(v.var() / len(v) for v in r.values()) / 4 for r in runs]
     expected = (np.var(model_means) + np.mean(within)) / 3
-    boots = stats.seed_bootstrap(runs, n_boot=20000, seed=4)["boots"]
+    boots = seed_stats.seed_bootstrap(runs, n_boot=20000, seed=4)["boots"]
     assert boots.var() == pytest.approx(expected, rel=0.05)
-    fixed = stats.seed_bootstrap(runs, n_boot=20000, seed=4, resample_seeds=False)["boots"]
+    fixed = seed_stats.seed_bootstrap(runs, n_boot=20000, seed=4, resample_seeds=False)["boots"]
     assert fixed.var() == pytest.approx(np.sum(within) / 9, rel=0.05)  # seeds fixed: only the neurons' part
     # the "var" statistic: the mean over seeds of each model's population variance of its layer means
-    var = stats.seed_bootstrap(runs, n_boot=10, statistic="var")["estimate"]
+    var = seed_stats.seed_bootstrap(runs, n_boot=10, statistic="var")["estimate"]
     assert var == pytest.approx(np.mean([np.var([v.mean() for v in r.values()]) for r in runs]))
 
 
@@ -52,13 +53,13 @@ def test_t_intervals_of_hand_computed_cases():
     from scipy.stats import t
 
     # per-seed values 0, 0.3, 0.6: mean 0.3, sd 0.3, so 0.3 -+ t(0.975, 2) * 0.3 / sqrt(3) = 0.3 -+ 4.302653 * 0.1732051
-    assert stats.t_interval([0.0, 0.3, 0.6]) == pytest.approx([0.3 - 0.7452413, 0.3 + 0.7452413], abs=1e-6)
-    assert all(math.isnan(x) for x in stats.t_interval([0.4]))  # one seed: no seed noise can be measured
+    assert seed_stats.t_interval([0.0, 0.3, 0.6]) == pytest.approx([0.3 - 0.7452413, 0.3 + 0.7452413], abs=1e-6)
+    assert all(math.isnan(x) for x in seed_stats.t_interval([0.4]))  # one seed: no seed noise can be measured
     # Welch: a = 1, 2, 3 (s^2/n = 1/3), b = 0, 1 (0.5/2 = 0.25): se^2 = 7/12, df = (7/12)^2 / ((1/3)^2/2 + 0.25^2/1)
     se, df = math.sqrt(7 / 12), (7 / 12) ** 2 / ((1 / 3) ** 2 / 2 + 0.0625)
     assert df == pytest.approx(2.882353, abs=1e-6)
     half = t.ppf(0.975, df) * se
-    assert stats.welch_interval([1, 2, 3], [0, 1]) == pytest.approx([1.5 - half, 1.5 + half])
+    assert seed_stats.welch_interval([1, 2, 3], [0, 1]) == pytest.approx([1.5 - half, 1.5 + half])
 
 
 def test_t_interval_covers_95_percent_with_three_seeds_and_the_bootstrap_does_not():
@@ -68,10 +69,10 @@ def test_t_interval_covers_95_percent_with_three_seeds_and_the_bootstrap_does_no
     t_hits = boot_hits = 0
     for _ in range(400):
         runs = [{"0": rng.normal(rng.normal(0, 1), 0.5, 200)} for _ in range(3)]
-        per_seed = [stats.model_statistic([np.asarray(r["0"])], "mean") for r in runs]
-        lo, hi = stats.t_interval(per_seed)
+        per_seed = [seed_stats.model_statistic([np.asarray(r["0"])], "mean") for r in runs]
+        lo, hi = seed_stats.t_interval(per_seed)
         t_hits += lo <= 0 <= hi
-        lo, hi = stats.seed_bootstrap(runs, n_boot=300, seed=1)["ci95"]
+        lo, hi = seed_stats.seed_bootstrap(runs, n_boot=300, seed=1)["ci95"]
         boot_hits += lo <= 0 <= hi
     assert 0.92 <= t_hits / 400 <= 0.98
     assert boot_hits / 400 < 0.85
@@ -84,8 +85,8 @@ def test_corrected_layer_variance_removes_what_neuron_sampling_adds():
     raw, corrected = [], []
     for _ in range(3000):
         run = [rng.normal(0, 3, 30), rng.normal(1, 3, 30)]
-        raw.append(stats.model_statistic(run, "var"))
-        corrected.append(stats.model_statistic(run, "var_corrected"))
+        raw.append(seed_stats.model_statistic(run, "var"))
+        corrected.append(seed_stats.model_statistic(run, "var_corrected"))
     assert np.mean(raw) == pytest.approx(0.40, abs=0.03)
     assert np.mean(corrected) == pytest.approx(0.25, abs=0.03)
 
@@ -95,25 +96,25 @@ def test_bootstrap_of_layer_variances_centres_on_the_estimate():
     # variance would sit about one noise term (here (L - 1) / L^2 * 2 * 9 / 64 = 0.07) above the estimate
     rng = np.random.default_rng(12)
     runs = [{"0": rng.normal(0, 3, 64), "1": rng.normal(0.5, 3, 64)} for _ in range(3)]
-    noise = np.mean([stats._noise([np.asarray(v) for v in r.values()]) for r in runs])
+    noise = np.mean([seed_stats._noise([np.asarray(v) for v in r.values()]) for r in runs])
     assert noise == pytest.approx(0.07, rel=0.25)
     for statistic in ("var", "var_corrected"):
         for resample_seeds in (True, False):
-            b = stats.seed_bootstrap(runs, n_boot=20000, seed=13, statistic=statistic, resample_seeds=resample_seeds)
+            b = seed_stats.seed_bootstrap(runs, n_boot=20000, seed=13, statistic=statistic, resample_seeds=resample_seeds)
             assert b["boots"].mean() == pytest.approx(b["estimate"], abs=0.15 * noise), (statistic, resample_seeds)
 
 
 def test_seed_compare_resamples_the_systems_apart():
     rng = np.random.default_rng(5)
     a = [{"0": rng.normal(m, 1, 30), "1": rng.normal(m, 1, 20)} for m in (1.0, 1.5, 3.0)]
-    d = stats.seed_compare(a, a, n_boot=2000, seed=7)
+    d = seed_stats.seed_compare(a, a, n_boot=2000, seed=7)
     # the same data on both sides: the estimate is 0; had both sides shared one random stream every replicate of
     # the difference would be 0 too, but they are drawn apart, so the interval has the width of two systems' noise
     assert d["estimate"] == 0 and d["estimate_seed0"] == 0
     lo, hi = d["ci95_bootstrap"]
-    alone = stats.seed_bootstrap(a, n_boot=2000, seed=3)["boots"]
+    alone = seed_stats.seed_bootstrap(a, n_boot=2000, seed=3)["boots"]
     assert lo < -0.5 < 0.5 < hi and (hi - lo) / 2 == pytest.approx(1.96 * math.sqrt(2) * alone.std(), rel=0.1)
-    assert d["ci95_seeds"] == pytest.approx(stats.welch_interval(d["a"]["per_seed"], d["a"]["per_seed"]))
+    assert d["ci95_seeds"] == pytest.approx(seed_stats.welch_interval(d["a"]["per_seed"], d["a"]["per_seed"]))
     # seed 0 alone: its neurons only, narrower than the spread between seeds
     lo0, hi0 = d["ci95_seed0"]
     assert lo0 < 0 < hi0 and hi0 - lo0 < hi - lo
@@ -124,7 +125,7 @@ def test_seed_compare_resamples_the_systems_apart():
     (-0.1, 2.0, 1, "not resolved"), (-1.0, 0.0, -1, "not resolved"), (math.nan, 1.0, 1, "not resolved"),
 ])
 def test_verdict_reads_the_interval(lo, hi, direction, expected):
-    assert stats.verdict(lo, hi, direction) == expected
+    assert seed_stats.verdict(lo, hi, direction) == expected
 
 
 def test_claims_take_their_direction_from_the_papers_numbers():
@@ -169,7 +170,7 @@ def _model_score(layers: dict[str, list[float]]) -> float:
 def test_reduced_study_end_to_end_resumes_and_refuses_other_inputs(tmp_path, capsys, one_thread):
     from scipy.stats import t
 
-    from crate.eval.study import StudyOptions, study
+    from crate.eval.workflows.study import StudyOptions, study
 
     out = tmp_path / "study"
     opts = StudyOptions(out=out, **REDUCED)
@@ -199,7 +200,7 @@ def test_reduced_study_end_to_end_resumes_and_refuses_other_inputs(tmp_path, cap
     verdicts = {r["claim"]: r for r in summary["tables"]["verdicts"]}
     assert set(verdicts) == {"CRATE < GPT at 1L", "CRATE > GPT at 2L", "CRATE's layer variance < GPT's at 2L"}
     v = verdicts["CRATE > GPT at 2L"]
-    assert v["verdict"] == stats.verdict(*v["numbers"]["ci95_seeds"], 1)
+    assert v["verdict"] == seed_stats.verdict(*v["numbers"]["ci95_seeds"], 1)
     assert v["difference"] == pytest.approx(systems[("2L", "CRATE", "correlation")]["estimate"]
                                             - systems[("2L", "GPT", "correlation")]["estimate"])
     assert "| CRATE > GPT at 2L | TaR |" in first and (out / "plots" / "score_vs_depth_TaR.png").stat().st_size > 1000
@@ -229,7 +230,7 @@ def test_reduced_study_end_to_end_resumes_and_refuses_other_inputs(tmp_path, cap
 
 
 def test_bad_study_options_fail_before_anything_is_written(tmp_path):
-    from crate.eval.study import StudyOptions, study
+    from crate.eval.workflows.study import StudyOptions, study
 
     cases = [({"sizes": ["4L"]}, "unknown size"), ({"overrides": ["train.lr=fast"]}, "train.lr"),
              ({"overrides": ["model.n_hidden=64"]}, "n_hidden"), ({"seeds": 0}, "--seeds"),

@@ -18,10 +18,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import crate
-from crate.errors import CheckpointError, ConfigError
+from crate.errors import CheckpointError, ConfigError, DataError
 from crate.train import data as D
 from crate.train.config import RunConfig, load_recipe
-from crate.train.corpus import DataError
 from crate.train.run import AtomicCheckpointIO, train
 from conftest import TRAIN_DATA
 
@@ -85,10 +84,10 @@ def test_end_to_end_learns(data_dir: Path, tmp_path: Path, arch: str) -> None:
     assert {"last.ckpt", "best.ckpt", "step-0000125.ckpt", "step-0000250.ckpt"} <= ckpts
     assert (tmp_path / "run" / "config.yaml").is_file()
     # the exported model reloads through crate.load and scores the same on the whole val split
-    from crate.train.evaluate import evaluate
+    from crate.eval.evaluate.loss import evaluate
 
     r = evaluate(summary["final"], data_dir, batch_size=16, context=64, progress=False)
-    from crate.checkpoint import read_info
+    from crate.loading import read_info
 
     assert read_info(summary["final"])["tokenizer"] == D.read_manifest(data_dir)["tokenizer"]
     assert (Path(summary["final"]) / "tokenizer.json").read_bytes() == (data_dir / "tokenizer.json").read_bytes()

@@ -1,4 +1,4 @@
-"""Subcommands `crate prepare`, `crate train`, `crate eval` and `crate export` (heavy imports stay in the handlers)."""
+"""Subcommands `crate prepare`, `crate train` and `crate export` (heavy imports stay in the handlers)."""
 
 from __future__ import annotations
 
@@ -61,39 +61,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary.get("requeued") else 128 + summary["signal"]
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    if args.tasks:
-        return _eval_harness(args)
-    if args.data is None:
-        from crate.errors import ConfigError
-
-        raise ConfigError("crate eval needs --data DIR (loss and perplexity on a prepared split) or --tasks (lm-eval)")
-    from crate.train.evaluate import evaluate
-
-    r = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, context=args.context,
-                 max_batches=args.max_batches, device=args.device)
-    print(json.dumps(r) if args.json else
-          f"{args.split} loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  ({r['tokens']:,} tokens, context {r['context']})")
-    return 0
-
-
-def _eval_harness(args: argparse.Namespace) -> int:
-    from crate.eval.harness import results_table, run_harness
-
-    if args.log_samples and not args.out:
-        from crate.errors import ConfigError
-
-        raise ConfigError("--log-samples writes the per-sample files beside the results JSON: give --out FILE.json")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    results = run_harness(args.checkpoint, tasks, args.out, data=args.data, include_path=args.include_path,
-                          batch_size=args.batch_size, device=args.device, limit=args.limit, num_fewshot=args.num_fewshot,
-                          log_samples=args.log_samples)
-    print(json.dumps(results["results"]) if args.json else results_table(results))
-    if args.out:
-        print(f"wrote {args.out}")
-    return 0
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from crate.train.run import export_checkpoint
 
@@ -102,8 +69,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="tokenize a text source into memmap shards with a train/val split")
+def add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="?", default="embedded",
                    help="'embedded' (Shakespeare, offline), 'hf:<dataset>' (streamed), or .txt/.jsonl/.parquet file(s) or a folder")
     p.add_argument("--out", required=True, help="output directory")
@@ -122,33 +88,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="replace what an earlier `crate prepare` wrote into --out (never other files)")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train from a YAML recipe (default: tiny CRATE on the embedded corpus)")
+
+def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, help="a recipe: configs/<name>.yaml or just <name>")
     p.add_argument("--out", default=None, help="run directory (default runs/<name>-<time>)")
     p.add_argument("--resume", default=None, help="a run directory or a .ckpt file to continue exactly")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=100 model.n_layer=4")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="validation loss and perplexity on a prepared split, or lm-eval tasks (--tasks)")
-    p.add_argument("--checkpoint", required=True, help="our checkpoint dir, an authors'/nanoGPT .pt, or a training .ckpt")
-    p.add_argument("--data", default=None, help="a prepared data directory (same tokenizer as the model); "
-                   "with --tasks, where the tokenizer comes from if the checkpoint has none")
-    p.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, e.g. lambada_openai,wikitext")
-    p.add_argument("--out", default=None, help="with --tasks: write the harness's results JSON here")
-    p.add_argument("--include-path", default=None, help="with --tasks: a folder of task YAMLs of your own")
-    p.add_argument("--log-samples", action="store_true",
-                   help="with --tasks --out: also write the harness's samples_<task>_<date>.jsonl beside the results")
-    p.add_argument("--limit", type=float, default=None, help="with --tasks: documents per task (or a fraction)")
-    p.add_argument("--num-fewshot", type=int, default=None)
-    p.add_argument("--split", default="val", choices=["train", "val"])
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--context", type=positive_int, default=None, help="window length (default: the model's block_size)")
-    p.add_argument("--max-batches", type=positive_int, default=None)
-    p.add_argument("--device", type=device, default=None)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="export a training checkpoint (.ckpt) to our checkpoint directory")
+def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt")
     p.add_argument("out")
     p.add_argument("--data", default=None, help="data directory whose tokenizer to embed (default: the run's)")

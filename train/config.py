@@ -128,7 +128,7 @@ class RunConfig:
     def model_config(self, data_vocab: int | None = None):
         """The ModelConfig of this recipe; vocab_size None takes the data's (padded like GPT-2's 50257 -> 50304)."""
         from crate.config import preset_config
-        from crate.train.tokenizer import padded_vocab
+        from crate.tokenizer import padded_vocab
 
         overrides = {k: v for k, v in self.model.items() if k not in ("arch", "preset")}
         if overrides.get("vocab_size") is None:

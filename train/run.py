@@ -39,10 +39,10 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from crate.atomic import atomic_file, remove_stale_temporaries, write_bytes
 from crate.config import IMPLEMENTATION_KEYS
-from crate.errors import CheckpointError, ConfigError
+from crate.loading import model_from_state, read_checkpoint_identity
+from crate.errors import CheckpointError, ConfigError, DataError
 from crate.provenance import STAMP, check_owned
 from crate.train.config import RunConfig, load_recipe
-from crate.train.corpus import DataError
 from crate.train.flops import flops_per_token, peak_flops
 
 
@@ -419,15 +419,6 @@ def _wandb_logger(cfg: RunConfig, run_dir: Path) -> Any:
                        config=cfg.to_dict())
 
 
-def read_checkpoint_identity(ckpt: Path) -> dict[str, Any]:
-    from crate.checkpoint import torch_load
-
-    state = torch_load(Path(ckpt), mmap=True)  # a pickle that needs code, or a damaged file, is refused in our words
-    if not isinstance(state, dict) or "crate" not in state:
-        raise CheckpointError(f"{ckpt} is not a crate training checkpoint (no 'crate' entry)")
-    return state
-
-
 FIXED_ON_RESUME = ("batch_size", "context", "seed", "betas", "weight_decay", "eps", "precision")
 
 
@@ -565,7 +556,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: str | Path | No
     from crate.train.data import load_tokenizer, read_manifest, validate_data
     from crate.train.datamodule import WindowDataModule
     from crate.train.module import LMModule, NonFiniteLossError
-    from crate.train.tokenizer import tokenizer_identity
+    from crate.tokenizer import tokenizer_identity
 
     t = cfg.train
     run_dir, ckpt_path = _resume_point(cfg, out, resume)
@@ -701,17 +692,6 @@ def _asdict(obj: Any) -> dict[str, Any]:
     import dataclasses
 
     return dataclasses.asdict(obj)
-
-
-def model_from_state(model_config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Any:
-    """A plain LanguageModel from the LightningModule's state dict (`model.` keys, compiled or not)."""
-    from crate.checkpoint import load_state
-    from crate.config import ModelConfig
-    from crate.model import LanguageModel
-
-    model = LanguageModel(ModelConfig.from_dict(model_config))
-    load_state(model, {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")})
-    return model
 
 
 def export_model(model: Any, out: Path, train_cfg: dict[str, Any] | None, tok: Any, tok_id: dict[str, Any],

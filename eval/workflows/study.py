@@ -1,0 +1,405 @@
+"""`crate study`: the paper's claim at CPU scale. CRATE against GPT (and GPT-SAE) at the paper's 1L, 2L and 3L shapes,
+each trained with several seeds on the embedded corpus, every neuron scored, and a verdict per claim read from
+intervals that include the training-seed noise (crate.eval.report.study).
+
+    <out>/data/                                     the embedded corpus with a small BPE, prepared once
+    <out>/runs/seed<k>/<arch>-<size>/               one training run per (seed, size, arch); GPT's SAEs in its sae/
+    <out>/interpret/seed<k>/<size>/<system>/        every neuron (every live SAE latent), token-statistics scorer,
+                                                    detection and fuzzing
+    <out>/interpret/seed<k>/<size>/<arch>-control/  a seeded sample of a random-initialised CRATE's or GPT's neurons
+    <out>/interpret-smollm2/seed0/<size>/<arch>/     a seeded sample through the embedded SmolLM2 (first seed only)
+    <out>/timings.json                              seconds each (seed, size) took when it was computed, and the
+                                                    study's wall time (summed over the invocations that computed)
+    <out>/index.md ...                              the report (crate.eval.report.study), rewritten every time
+
+Every step goes through the pipelines' steps (crate.eval.workflows.steps), so each output carries its provenance: a rerun
+reuses what matches exactly, resumes what was interrupted and refuses outputs of other inputs (`--overwrite`
+discards them). Runs go seed by seed, so a study stopped early still has whole seeds. The (seed, size) units run
+in `jobs` processes at once (default 2 on 2 cores or more, each with its share of the torch threads): scoring with
+the token-statistics backend is single-threaded Python, so one process leaves a core idle. Records are kept in
+each folder's records/<layer>/cache.npz only (no NeuronRecord JSON per neuron: `crate interpret` of the same
+checkpoint writes them).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crate.errors import CrateError
+from crate.eval.workflows.steps import (
+    ARCHS, PipelineError, _log, _padded, _quiet, interpret_model, matched_overrides, prepare_data, train_model,
+    train_saes,
+)
+
+STUDY_SIZES = ("1L", "2L", "3L")
+MATCHES = ("params", "width")
+STUDY_OUTPUTS = ("data", "runs", "interpret", "interpret-smollm2", "timings.json", "index.md", "study.json", "plots",
+                 "tables")
+# Per run: 200 steps of 32 x 64 tokens (410k tokens, about 1/3 of the corpus) at the demo's rates.
+STUDY_TRAIN = {"batch_size": 32, "micro_batch_size": 32, "lr": 3e-3, "min_lr": 3e-4, "val_batches": 4,
+               "final_val_batches": 8}
+# GPT-SAE: the demo's ReLU + L1 SAE (4x, 150 steps), on 64-token sequences.
+STUDY_SAE = dict(expansion=4, steps=150, batch_tokens=512, lm_batch=8, buffer_tokens=8192, lr=1e-3, l1=1.0,
+                 warmup_steps=10, resample_at=(75,), dead_window=25, eval_tokens=8192)
+
+
+@dataclass
+class StudyOptions:
+    out: Path = Path("crate-study")
+    sizes: list[str] = field(default_factory=lambda: list(STUDY_SIZES))
+    seeds: int = 3  # training seeds per (size, arch): train.seed = 1337 + k
+    steps: int = 200
+    protocols: list[str] = field(default_factory=lambda: ["tar"])
+    context: int = 64
+    vocab_size: int = 512
+    match: str = "params"  # "params": CRATE's dictionary widened to GPT's count; "width": h = 4d for both (the paper's)
+    sae: bool = True
+    neurons: int | None = None  # per layer; None: every neuron
+    control_neurons: int | None = 64  # random-init controls, per layer; 0: none, None: every neuron
+    llm_neurons: int = 1  # per layer through SmolLM2, first seed only, TaR; 0: none
+    n_tokens: int = 16 * 1024  # validation tokens recorded per model
+    interpret_seed: int = 0  # the neuron samples and random records: the same for every training seed
+    n_boot: int = 2000
+    overrides: list[str] = field(default_factory=list)  # model.* / train.* for every run (YAML values)
+    max_documents: int | None = None
+    overwrite: bool = False
+    jobs: int | None = None  # (seed, size) units run at once; None: 2 when the machine has 2 cores or more
+
+
+def default_jobs() -> int:
+    import os
+
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+@dataclass
+class Unit:
+    """One (seed, size): both archs trained, GPT's SAEs, and every system scored."""
+
+    seed: int
+    size: str
+    recipes: dict[str, dict[str, Any]]
+    params: dict[str, int]
+    n_layer: int
+    n_hidden: dict[str, int]  # per arch, as built (CRATE's dictionary width, GPT's MLP width)
+
+    @property
+    def name(self) -> str:
+        return f"seed{self.seed}/{self.size}"
+
+
+def interpret_dir(out: Path, seed: int, size: str, system: str, llm: bool = False) -> Path:
+    return out / ("interpret-smollm2" if llm else "interpret") / f"seed{seed}" / size / system
+
+
+def run_dir(out: Path, seed: int, size: str, arch: str) -> Path:
+    return out / "runs" / f"seed{seed}" / f"{arch}-{size}"
+
+
+def build_units(opts: StudyOptions, data_dir: Path, vocab: int) -> list[Unit]:
+    """Every run's recipe, overrides applied and every key checked (RunConfig) before anything runs."""
+    from crate.config import PRESETS
+    from crate.train.config import ConfigError, RunConfig, apply_overrides
+
+    if opts.match not in MATCHES:
+        raise CrateError(f"--match {opts.match!r}: use one of {', '.join(MATCHES)}")
+    if not isinstance(opts.seeds, int) or opts.seeds < 1:
+        raise CrateError(f"--seeds must be an integer >= 1, got {opts.seeds!r}")
+    bad = [s for s in opts.sizes if s not in PRESETS]
+    if bad or not opts.sizes:
+        raise CrateError(f"unknown size(s) {', '.join(bad) or '(none given)'}: use presets among {', '.join(PRESETS)} "
+                         f"(the study's are {', '.join(STUDY_SIZES)})")
+    train = {**STUDY_TRAIN, "max_steps": opts.steps, "context": opts.context,
+             "warmup_steps": max(1, min(50, opts.steps // 10)), "val_every": max(1, opts.steps // 4),
+             "ckpt_every": opts.steps}
+    base = apply_overrides({"model": {}, "train": train}, opts.overrides)
+    extra = set(base) - {"model", "train"}
+    if extra:
+        raise ConfigError(f"study overrides take model.* and train.* keys only, not {', '.join(sorted(extra))}")
+    shape = {k: v for k, v in base["model"].items() if k not in ("arch", "preset")}
+    if "n_hidden" in shape and opts.match == "params":
+        raise ConfigError("model.n_hidden with --match params: the study chooses CRATE's n_hidden to match GPT's "
+                          "parameter count; use --match width to set it for both")
+    for key in ("arch", "preset", "vocab_size", "block_size"):
+        if key in base["model"]:
+            raise ConfigError(f"model.{key} is set by the study (--sizes, --context, --vocab-size); leave it out")
+    data = {"path": str(data_dir), "source": "embedded", "tokenizer": "bpe", "vocab_size": opts.vocab_size}
+    if opts.max_documents:
+        data["max_documents"] = opts.max_documents
+    units = []
+    for seed in range(opts.seeds):
+        for size in opts.sizes:
+            if opts.match == "params":
+                crate_over, gpt_over, _, _ = matched_overrides(size, vocab, opts.context, **shape)
+            else:
+                crate_over = gpt_over = {"vocab_size": vocab, "block_size": opts.context, **shape}
+            recipes, params, configs = {}, {}, {}
+            for arch, over in (("crate", crate_over), ("gpt", gpt_over)):
+                raw = {"model": {"arch": arch, "preset": size, **over}, "data": dict(data),
+                       "train": {**base["train"], "seed": 1337 + seed}}
+                RunConfig.from_dict({"name": f"{arch}-{size}", **raw})
+                recipes[arch] = raw
+                params[arch], configs[arch] = _built(raw["model"])
+            units.append(Unit(seed, size, recipes, params, configs["gpt"].n_layer,
+                              {arch: c.n_hidden for arch, c in configs.items()}))
+    return units
+
+
+def _built(model: dict[str, Any]) -> tuple[int, Any]:
+    """The parameter count and resolved config of a recipe's model (built on the meta device: no memory)."""
+    import torch
+
+    from crate import build_model
+
+    with torch.device("meta"):
+        m = build_model(model["arch"], model["preset"], **{k: v for k, v in model.items() if k not in ("arch", "preset")})
+        return m.num_params(), m.config
+
+
+def preflight(opts: StudyOptions) -> list[str]:
+    """Every problem that can be found before the first step, as messages ([] when there is none)."""
+    from crate.eval.autointerp.protocols import get_protocol
+
+    problems: list[str] = []
+    try:
+        build_units(opts, Path(opts.out) / "data", _padded(opts.vocab_size))
+    except CrateError as e:
+        problems.append(str(e))
+    for p in opts.protocols:
+        try:
+            get_protocol(p)
+        except CrateError as e:
+            problems.append(f"protocol {p!r}: {e}")
+    for name, value, low in (("--steps", opts.steps, 1), ("--context", opts.context, 8), ("--tokens", opts.n_tokens, 1),
+                             ("--llm-neurons", opts.llm_neurons, 0), ("--boot", opts.n_boot, 100),
+                             ("--jobs", opts.jobs if opts.jobs is not None else 1, 1)):
+        if not isinstance(value, int) or value < low:
+            problems.append(f"{name} must be an integer >= {low}, got {value!r}")
+    for name, value in (("--neurons", opts.neurons), ("--control-neurons", opts.control_neurons)):
+        if value is not None and (not isinstance(value, int) or value < (1 if name == "--neurons" else 0)):
+            problems.append(f"{name} must be a positive integer (or all), got {value!r}")
+    if opts.sae and importlib.util.find_spec("sae_lens") is None:
+        problems.append('GPT-SAE needs SAELens: pip install -e ".[sae]", or pass --no-sae')
+    if opts.llm_neurons:
+        from crate.eval.llm.backends import check_llm
+
+        try:
+            check_llm("smollm2")
+        except CrateError as e:
+            problems.append(f"{e} (or pass --llm-neurons 0)")
+    return problems
+
+
+class Clock:
+    """The study's ETA: seconds per layer of the (seed, size) units computed so far, times the layers left, over the
+    units running at once. Units that were reused do not enter the rate."""
+
+    def __init__(self, units: list[Unit], jobs: int = 1):
+        self.jobs = jobs
+        self.left = {u.name: u.n_layer for u in units}
+        self.seconds = 0.0
+        self.layers = 0
+
+    def done(self, unit: Unit, seconds: float, reused: bool) -> str:
+        layers = self.left.pop(unit.name)
+        if not reused:
+            self.seconds += seconds
+            self.layers += layers
+        todo = sum(self.left.values())
+        if not todo:
+            return "study: all runs done"
+        if not self.layers:
+            return f"study: {len(self.left)} runs to go"
+        eta = self.seconds / self.layers * todo / min(self.jobs, len(self.left))
+        return f"study: {len(self.left)} runs to go, ETA {eta / 60:.1f} min"
+
+
+def _outputs(opts: StudyOptions, unit: Unit) -> list[Path]:
+    """What a finished unit leaves (with `unit_inputs`, what tells a reused unit from a computed one)."""
+    from crate.eval.autointerp.protocols import get_protocol
+
+    out = Path(opts.out)
+    paths = [run_dir(out, unit.seed, unit.size, arch) / "final" / "config.json" for arch in ARCHS]
+    folders = [interpret_dir(out, unit.seed, unit.size, system) for system in _systems(opts)]
+    if opts.control_neurons != 0:
+        folders += [interpret_dir(out, unit.seed, unit.size, f"{arch}-control") for arch in ARCHS]
+    for folder in folders:
+        paths += [folder / "scores" / get_protocol(p).name / ".provenance.json" for p in opts.protocols]
+    if unit.seed == 0 and opts.llm_neurons:
+        paths += [interpret_dir(out, 0, unit.size, arch, llm=True) / "summary.json" for arch in ARCHS]
+    return paths
+
+
+def _systems(opts: StudyOptions) -> list[str]:
+    return [*ARCHS, *(["gpt-sae"] if opts.sae else [])]
+
+
+def run_unit(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float) -> None:
+    """Train both archs of one (seed, size), GPT's SAEs, and score every system (trained, control, LLM sample)."""
+    out = Path(opts.out)
+    system = {"devices": 1, "wandb": "off", "progress_bar": False}
+    checkpoints: dict[str, str] = {}
+    for arch in ARCHS:
+        raw = unit.recipes[arch]
+        final = train_model(f"{arch}-{unit.size} seed {unit.seed}", raw["model"], raw["data"], raw["train"],
+                            run_dir(out, unit.seed, unit.size, arch), t0, system=system, overwrite=opts.overwrite)
+        checkpoints[arch] = str(final)
+    if opts.sae:
+        checkpoints["gpt-sae"] = train_saes(Path(checkpoints["gpt"]), data_dir, t0, opts.overwrite, seed=unit.seed,
+                                            seq_len=opts.context, **STUDY_SAE)
+    common = dict(explainer="stats", simulator="stats", seq_len=opts.context, n_tokens=opts.n_tokens,
+                  seed=opts.interpret_seed, batch_size=32, n_boot=opts.n_boot, write_json=False,
+                  overwrite=opts.overwrite)
+    for name, ckpt in checkpoints.items():
+        label = f"{name}-{unit.size} seed {unit.seed}"
+        for protocol in opts.protocols:
+            interpret_model(label, ckpt, data_dir, interpret_dir(out, unit.seed, unit.size, name), protocol, t0,
+                            neurons=opts.neurons, **common)
+            if opts.control_neurons != 0 and name in ARCHS:  # an SAE on a random GPT: not a control of GPT-SAE
+                # one random init per training seed: the interpretation seed also seeds the control's init
+                interpret_model(f"{label} (random init)", ckpt, data_dir,
+                                interpret_dir(out, unit.seed, unit.size, f"{name}-control"), protocol, t0,
+                                **{**common, "neurons": opts.control_neurons, "control": True,
+                                   "seed": opts.interpret_seed + unit.seed})
+    if unit.seed == 0 and opts.llm_neurons:
+        for arch in ARCHS:
+            interpret_model(f"{arch}-{unit.size} seed 0 (SmolLM2)", checkpoints[arch], data_dir,
+                            interpret_dir(out, 0, unit.size, arch, llm=True), "tar", t0,
+                            **{**common, "explainer": "smollm2", "simulator": "smollm2", "neurons": opts.llm_neurons})
+
+
+def _unit_worker(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float, threads: int) -> float:
+    """One unit in a worker process (spawned: a fresh interpreter), with `threads` torch threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    _quiet()
+    start = time.perf_counter()
+    run_unit(opts, unit, data_dir, t0)
+    return time.perf_counter() - start
+
+
+def unit_inputs(opts: StudyOptions) -> str:
+    """A digest of the options that shape a unit's outputs (not where they go, how many run at once, --overwrite)."""
+    from dataclasses import asdict
+
+    from crate.provenance import digest
+
+    return digest({k: v for k, v in asdict(opts).items() if k not in ("out", "jobs", "overwrite")})
+
+
+def _run_units(opts: StudyOptions, units: list[Unit], data_dir: Path, t0: float, jobs: int, reused: dict[str, bool]):
+    """(unit, seconds, reused[unit]) as each unit finishes: in this process when `jobs` is 1, else in `jobs` worker
+    processes. After a failure no new unit starts, the units running finish (their work is kept) and the first
+    failure is raised; on Ctrl-C (which the workers get too: each keeps what it finished) the workers are stopped."""
+    if jobs == 1:
+        for unit in units:
+            start = time.perf_counter()
+            run_unit(opts, unit, data_dir, t0)
+            yield unit, time.perf_counter() - start, reused[unit.name]
+        return
+    import multiprocessing
+    import os
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    futures: dict[Any, Unit] = {}
+    try:
+        # seed by seed, the deepest size first: the last unit to finish is then a short one (no idle core at the end)
+        order = sorted(units, key=lambda u: (u.seed, -u.n_layer))
+        futures = {pool.submit(_unit_worker, opts, u, data_dir, t0, threads): u for u in order}
+        pending, failure = set(futures), None
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in sorted(done, key=lambda f: units.index(futures[f])):
+                if f.cancelled():
+                    continue
+                if f.exception() is not None:
+                    if failure is None:
+                        failure = f.exception()
+                        for other in pending:
+                            other.cancel()
+                    continue
+                yield futures[f], f.result(), reused[futures[f].name]
+        if failure is not None:
+            raise failure
+    except BaseException as e:
+        for f in futures:
+            f.cancel()
+        if isinstance(e, KeyboardInterrupt):  # the workers got the signal too: let them save what they finished
+            wait([f for f in futures if not f.done()], timeout=60)
+        for p in list(getattr(pool, "_processes", {}).values()):  # never wait for the units still queued
+            p.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def study(opts: StudyOptions, command: str | None = None) -> Path:
+    """Run (or resume) the whole study and write its report; returns <out>/index.md."""
+    import torch
+
+    from crate.provenance import check_owned
+    from crate.train.data import read_manifest
+
+    t0 = time.perf_counter()
+    out = Path(opts.out)
+    check_owned(out, STUDY_OUTPUTS, "another --out")
+    problems = preflight(opts)
+    if problems:
+        raise PipelineError("the study cannot run; nothing was done:\n  - " + "\n  - ".join(problems))
+    out.mkdir(parents=True, exist_ok=True)
+    _quiet()
+    _log(f"crate study: sizes {', '.join(opts.sizes)} x {opts.seeds} training seeds x CRATE, GPT"
+         f"{', GPT-SAE' if opts.sae else ''}; {opts.steps} steps each; protocols {', '.join(opts.protocols)}; "
+         f"{torch.get_num_threads()} CPU threads; output in {out}", t0)
+    data_dir = prepare_data("embedded", out / "data", "bpe", opts.vocab_size, t0, opts.max_documents, opts.overwrite)
+    units = build_units(opts, data_dir, _padded(read_manifest(data_dir)["vocab_size"]))
+    for u in units[: len(opts.sizes)]:
+        _log(f"{u.size}: CRATE {u.params['crate']:,} parameters (n_hidden {u.n_hidden['crate']}) "
+             f"vs GPT {u.params['gpt']:,} ({100 * (u.params['crate'] - u.params['gpt']) / u.params['gpt']:+.1f}%)", t0)
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    runs: dict[str, float] = timings.setdefault("runs", {})
+    inputs: dict[str, str] = timings.setdefault("inputs", {})
+    key = unit_inputs(opts)
+    # reused: every output there, last computed with these options (the steps' own lines say what they recompute);
+    # a folder of an earlier crate-lm has no record of them
+    reused = {u.name: not opts.overwrite and inputs.get(u.name, key) == key
+              and all(p.is_file() for p in _outputs(opts, u)) for u in units}
+    jobs = min(opts.jobs or default_jobs(), len(units))
+    clock = Clock(units, jobs)
+    start = time.perf_counter()
+    computed = False
+    for unit, seconds, was_reused in _run_units(opts, units, data_dir, t0, jobs, reused):
+        if not was_reused or unit.name not in runs:
+            runs[unit.name] = round(seconds, 1)
+        inputs[unit.name] = key
+        computed = computed or not was_reused
+        _log(f"{unit.name}: {'reused' if was_reused else f'done in {seconds:.0f}s'}; "
+             f"{clock.done(unit, seconds, was_reused)}", t0)
+        timings_path.write_text(json.dumps(timings, indent=1))
+    if computed:
+        timings["wall"] = round(timings.get("wall", 0.0) + time.perf_counter() - start, 1)
+        timings.setdefault("jobs", [])
+        if jobs not in timings["jobs"]:
+            timings["jobs"].append(jobs)
+        timings_path.write_text(json.dumps(timings, indent=1))
+
+    from crate.eval.report.study import write_study_report
+
+    _log("report: seed-aware intervals, verdicts, plots", t0)
+    index = write_study_report(out, opts, units, timings, command=command)
+    _log(f"done in {time.perf_counter() - t0:.0f}s (the study took {timings.get('wall', 0) / 60:.1f} min of wall time "
+         f"to compute, across resumes)", t0)
+    print(f"report: {index.resolve()}")
+    return index
+
+
+__all__ = ["StudyOptions", "study", "build_units", "preflight", "interpret_dir", "run_dir", "STUDY_SIZES"]
