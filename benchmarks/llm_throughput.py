@@ -53,7 +53,7 @@ class Counting:
         return self.llm.generate(prompt, **kw)
 
     def generate_many(self, prompts: Any, seeds: Any, **kw: Any) -> list[str]:
-        from crate.eval.llm.backends import generate_many
+        from crate.eval.llm.base import generate_many
 
         self.calls += len(prompts)
         return generate_many(self.llm, prompts, seeds, **kw)
@@ -64,9 +64,12 @@ class Counting:
 
 
 def bench_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from crate.eval.llm.backends import HFLLM, smollm2_path
-    from crate.eval.autointerp.interpret import InterpretConfig, run_interpret
-    from crate.eval.autointerp.simulate import LLMExplainer, LLMSimulator
+    from crate.eval.llm.gguf import smollm2_path
+    from crate.eval.llm.hf import HFLLM
+    from crate.eval.autointerp.config import InterpretConfig
+    from crate.eval.autointerp.explainers import LLMExplainer
+    from crate.eval.autointerp.interpret import run_interpret
+    from crate.eval.autointerp.simulators import LLMSimulator
 
     layers = [int(x) for x in args.layers.split(",")]
     base = dict(protocol="tar", neurons=args.neurons, layers=layers, n_tokens=args.tokens, seq_len=args.seq_len,
@@ -145,7 +148,7 @@ class LatencyServer(BaseHTTPRequestHandler):
 
 def synthetic_windows(n: int, width: int = 64) -> list[dict[str, Any]]:
     """`n` neurons' records for the tar protocol: 10 top records that fire on one word, 10 random ones."""
-    from crate.eval.record.recorder import Window
+    from crate.eval.record.windows import Window
 
     words = ["the", " cat", " sat", " on", " a", " mat", ",", " and", " then", " slept", "."]
     out = []
@@ -159,10 +162,12 @@ def synthetic_windows(n: int, width: int = 64) -> list[dict[str, Any]]:
 
 
 def bench_server(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from crate.eval.llm.backends import HTTPLLM
-    from crate.eval.autointerp.interpret import neuron_steps, score_many
+    from crate.eval.llm.http import HTTPLLM
+    from crate.eval.autointerp.explainers import LLMExplainer
     from crate.eval.autointerp.protocols import get_protocol
-    from crate.eval.autointerp.simulate import LLMExplainer, LLMSimulator
+    from crate.eval.autointerp.schedule import score_many
+    from crate.eval.autointerp.simulators import LLMSimulator
+    from crate.eval.autointerp.steps import neuron_steps
 
     import multiprocessing as mp
 

@@ -19,3 +19,7 @@ class TokenOutOfRangeError(CrateError):
 
 class DataError(CrateError):
     """Data that cannot be prepared or trained on (missing source, bad shards, mismatched tokenizer)."""
+
+
+class PipelineError(CrateError):
+    """A pipeline step that cannot run (a missing subsystem, a failed step)."""

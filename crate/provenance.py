@@ -36,12 +36,16 @@ class ProvenanceError(CrateError):
 
 
 def canonical(obj: Any) -> Any:
-    """`obj` as plain JSON values (tuples as lists, NaN/inf as None, anything else by str)."""
+    """`obj` as plain JSON values (tuples as lists, NaN/inf as None, anything else by str): the form identities
+    are hashed in, and the one NaN -> null cleaning of every result written as JSON. A list of floats (activations,
+    most of a score line) takes one comprehension instead of a call per element."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
         return {str(k): canonical(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
+        if all(type(v) is float for v in obj):
+            return [v if math.isfinite(v) else None for v in obj]
         return [canonical(v) for v in obj]
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj

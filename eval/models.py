@@ -55,7 +55,7 @@ def checkpoint_names(specs: Sequence[str]) -> dict[str, str]:
 def load_model(checkpoint: str | Path, control: bool = False, seed: int = 0) -> tuple[Any, dict[str, Any] | None]:
     """(model in eval mode, the tokenizer identity its checkpoint records or None) of DIR or DIR+SAE; `control`:
     its weights re-initialised from `seed` (the random-init control)."""
-    from crate.eval.sae.train import attach_saes
+    from crate.eval.sae.attach import attach_saes
 
     path, saes = split_sae_spec(checkpoint)  # "DIR+SAE[,SAE]": the SAEs' latents are the neurons (GPT-SAE)
     model, tokenizer = load_any(path)

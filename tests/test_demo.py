@@ -14,7 +14,7 @@ import pytest
 
 from crate.cli import main
 from crate.eval.workflows.steps import matched_overrides
-from test_scoring_interp import (
+from test_autointerp_scoring import (
     aggregate_interval_reference, difference_interval_reference, mean_of_layer_means, pearson,
 )
 

@@ -77,7 +77,7 @@ def sentencepiece_llm():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from crate.eval.llm.backends import HFLLM
+    from crate.eval.llm.hf import HFLLM
 
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")  # Llama-2's scheme

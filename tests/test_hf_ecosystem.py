@@ -277,7 +277,7 @@ def test_paper_gpt_baseline_round_trips_without_biases(tmp_path):
 
 def test_hub_id_resolves_through_the_offline_cache(tmp_path, monkeypatch):
     from huggingface_hub import constants
-    from test_backends_interp import _as_hub_cache
+    from test_llm import _as_hub_cache
 
     hf, path = random_gpt2(tmp_path)
     cache = tmp_path / "hub"

@@ -143,13 +143,14 @@ def test_nnsight_reads_gpt_sae_latents():
     pytest.importorskip("sae_lens", reason="pip install -e '.[sae]' installs SAELens")
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 
-    from crate.eval.sae.train import SAEModel, _to_inference
+    from crate.eval.sae.attach import SAEModel
+    from crate.eval.sae.base import to_inference
     from crate.hooks import record
 
     torch.manual_seed(0)
     gpt = crate.build_model("gpt", "micro").eval()
     n = gpt.config.n_hidden
-    sae = _to_inference(StandardTrainingSAE(StandardTrainingSAEConfig(d_in=n, d_sae=2 * n)))
+    sae = to_inference(StandardTrainingSAE(StandardTrainingSAEConfig(d_in=n, d_sae=2 * n)))
     model = SAEModel(gpt, {0: sae}, {0: []}).eval()
     idx = torch.randint(0, gpt.config.vocab_size, (2, 9))
     wrapped = nnsight.NNsight(model)

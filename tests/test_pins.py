@@ -1,7 +1,7 @@
 """Facts of the paper and of exact resumption that no other test pins: each test fails if its fact is changed.
 
-The ISTA step count (tests/test_model.py), the protocol splits (tests/test_scoring_interp.py) and the 95% bootstrap
-level (tests/test_scoring_interp.py) are pinned beside the tests of their code."""
+The ISTA step count (tests/test_model.py), the protocol splits (tests/test_autointerp_scoring.py) and the 95% bootstrap
+level (tests/test_autointerp_scoring.py) are pinned beside the tests of their code."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from crate.config import preset_config
-from crate.eval.record.recorder import Window
-from crate.eval.autointerp.simulate import LLMExplainer, StatsExplainer
+from crate.eval.record.windows import Window
+from crate.eval.autointerp.explainers import LLMExplainer, StatsExplainer
 from crate.train.module import LMModule
 
 TRAIN = {"lr": 6e-4, "min_lr": 6e-5, "warmup_steps": 5, "lr_decay_steps": 25, "max_steps": 40, "weight_decay": 0.1,

@@ -12,13 +12,16 @@ import torch
 import crate
 from crate import build_model
 from crate.eval.autointerp import interpret as interp
-from crate.eval.llm.backends import BackendError
-from crate.eval.autointerp.interpret import InterpretConfig, model_identity, run_interpret
+from crate.eval.autointerp import records as interp_records
+from crate.eval.llm.base import BackendError
+from crate.eval.autointerp.config import InterpretConfig
+from crate.eval.autointerp.identity import model_identity
+from crate.eval.autointerp.interpret import run_interpret
 from crate.eval.report.results import ReportError, load_model_result
-from crate.eval.autointerp.simulate import StatsExplainer
+from crate.eval.autointerp.explainers import StatsExplainer
 from crate.provenance import ProvenanceError, differences, digest, tensors_hash
 from conftest import prepare_tiny
-from test_backends_interp import server  # noqa: F401  (the loopback OpenAI-compatible server fixture)
+from test_llm import server  # noqa: F401  (the loopback OpenAI-compatible server fixture)
 
 T = 32
 STRINGS = [f"w{i}" for i in range(128)]
@@ -141,7 +144,7 @@ def no_recording(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("recording started before the inputs were checked")
 
-    monkeypatch.setattr(interp, "record_activations", fail)
+    monkeypatch.setattr(interp_records, "record_activations", fail)
 
 
 def _free_port():
@@ -219,7 +222,8 @@ def test_interpret_names_a_run_model_like_the_report(tmp_path, two_tokenizers):
 
 
 def test_reproduce_checks_the_whole_plan_before_step_1(tmp_path):
-    from crate.eval.workflows.steps import PipelineError, ReproduceOptions, reproduce
+    from crate.eval.workflows.reproduce import ReproduceOptions, reproduce
+    from crate.errors import PipelineError
 
     opts = ReproduceOptions(out=tmp_path / "r", sizes=["1L"], source="embedded", explainer="nonsense",
                             simulator="stats", protocols=["tar", "bogus"], train_overrides=["train.lr=fast"])
@@ -270,12 +274,12 @@ def test_interrupted_interpret_says_how_to_resume(monkeypatch, capsys):
 
 def test_progress_rate_counts_only_this_runs_work(monkeypatch):
     """The bar once showed 1,108,647.4 neurons/s: neurons reused from disk were counted as scored in no time."""
-    from crate.eval.autointerp.interpret import _Progress, rate_text
+    from crate.eval.progress import Progress, rate_text
 
     assert rate_text(3, 10.0, "neurons") == "1,080 neurons/h" and rate_text(30, 10.0, "neurons") == "3.0 neurons/s"
     clock = iter([100.0, 160.0])
     monkeypatch.setattr(interp.time, "perf_counter", lambda: next(clock))
-    p = _Progress(False)
+    p = Progress(False)
     seen = {}
 
     class Bar:
@@ -294,7 +298,7 @@ def test_progress_rate_counts_only_this_runs_work(monkeypatch):
 def test_variance_is_printed_in_the_papers_units():
     """SPEC.md 6: the paper's variance is the population variance of the x100 layer means (7.8 and 8.3 give 0.0625).
     summary.md once printed the variance of the raw means x100 (100 times too small)."""
-    from crate.eval.autointerp.interpret import summary_markdown
+    from crate.eval.autointerp.summary import summary_markdown
     from crate.eval.stats.neurons import model_aggregate
 
     agg = model_aggregate({"0": 0.078, "1": 0.083}, n_layer=2)
@@ -314,7 +318,7 @@ def test_steer_refuses_data_of_another_tokenizer(two_tokenizers):
 
 
 def test_an_endpoint_without_prompt_logprobs_is_refused_before_recording(tmp_path, model, no_recording, server):
-    from test_backends_interp import _Handler
+    from test_llm import _Handler
 
     _Handler.mode = "nologprobs"
     cfg = _cfg(explainer=server + "#m", simulator="stats", llm_options={"api_key_env": "TEST_LLM_KEY"})

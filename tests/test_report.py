@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from crate.cli import main
-from crate.eval.report.results import ReportError, discover, latex_escape, main_table, write_report
+from crate.eval.report.reproduction import write_report
+from crate.eval.report.reproduction_tables import main_table
+from crate.eval.report.results import ReportError, discover
+from crate.eval.report.tables import latex_escape
 from test_report_helpers import PAPER_2L, make_paper_like, make_result
 
 
@@ -221,7 +224,8 @@ def test_interpret_records_the_size_and_absolute_paths_outside_the_key(tmp_path:
     import torch
 
     from crate import build_model, save
-    from crate.eval.autointerp.interpret import InterpretConfig, run_interpret
+    from crate.eval.autointerp.config import InterpretConfig
+    from crate.eval.autointerp.interpret import run_interpret
 
     torch.manual_seed(0)
     project = tmp_path / "project"
@@ -264,7 +268,7 @@ def test_two_results_of_one_system_are_refused_naming_both(tmp_path: Path) -> No
 def test_a_control_is_listed_once(tmp_path: Path) -> None:
     """Every result of a run_compare folder reads its summary.json: its controls are listed once, and not at all
     when the control was scored into <folder>/<name>-control (that row comes from the scores)."""
-    from crate.eval.report.results import controls_table
+    from crate.eval.report.reproduction_tables import controls_table
 
     root = tmp_path / "cmp"
     make_result(root, "crate", "crate", PAPER_2L, {"tar": {0: [0.1, 0.2], 1: [0.3]}})
@@ -293,7 +297,7 @@ def test_layer_plot_draws_each_system_at_its_own_layers(tmp_path: Path, monkeypa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import crate.eval.report.results as report
+    import crate.eval.report.plots as report
 
     make_result(tmp_path, "crate", "crate", PAPER_2L, {"tar": {0: [0.10, 0.10], 1: [0.30, 0.30]}})
     make_result(tmp_path, "gpt", "gpt", PAPER_2L, {"tar": {0: [0.05, 0.05], 1: [0.07, 0.07]}})

@@ -1,4 +1,4 @@
-"""SAEs on a model's neurons (crate.eval.sae.train): SAELens training and format, metrics against hand-computed and
+"""SAEs on a model's neurons (crate.eval.sae): SAELens training and format, metrics against hand-computed and
 independently re-derived values, resampling, and SAE latents through the interpret pipeline."""
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from crate import build_model
 from crate.cli import main
 from crate.errors import CrateError
 from crate.eval.models import split_sae_spec
-from crate.eval.sae.train import (
-    SAETrainConfig, attach_saes, dead_threshold, explained_variance, load_sae, read_metrics, resample_dead,
-    sae_metrics, train_sae,
-)
+from crate.eval.sae.attach import attach_saes, load_sae
+from crate.eval.sae.metrics import dead_threshold, explained_variance, read_metrics, sae_metrics
+from crate.eval.sae.train import SAETrainConfig, resample_dead, train_sae
 from crate.hooks import hooks
 from conftest import prepare_tiny
 
@@ -192,7 +191,9 @@ def test_resampling_reinitialises_only_dead_latents_and_their_adam_state():
 def test_latents_through_the_interpret_pipeline(prepared, tmp_path):
     import shutil
 
-    from crate.eval.autointerp.interpret import InterpretConfig, run_compare, run_interpret
+    from crate.eval.autointerp.compare import run_compare
+    from crate.eval.autointerp.config import InterpretConfig
+    from crate.eval.autointerp.interpret import run_interpret
     from crate.eval.record.neuron_record import load_neuron_record
 
     data, ckpt, trained, _ = prepared
@@ -304,7 +305,7 @@ def _result(name, arch, size, layer_scores, random_init=False):
 
 
 def test_report_rows_for_gpt_sae_beside_gpt_crate_and_the_papers_numbers():
-    from crate.eval.report.results import main_table, sae_table
+    from crate.eval.report.reproduction_tables import main_table, sae_table
 
     sae = _result("gpt-sae", "gpt-sae", "2L", [[0.10, 0.20, 0.30], [0.00, 0.05, 0.10]])
     gpt = _result("gpt", "gpt", "2L", [[0.05, 0.05, 0.05], [0.01, 0.02, 0.03]])
@@ -323,8 +324,9 @@ def test_report_rows_for_gpt_sae_beside_gpt_crate_and_the_papers_numbers():
 
 
 def test_report_finds_interpret_results_of_an_sae_and_its_metrics(prepared, tmp_path):
-    from crate.eval.autointerp.interpret import InterpretConfig, run_interpret
-    from crate.eval.report.results import write_report
+    from crate.eval.autointerp.config import InterpretConfig
+    from crate.eval.autointerp.interpret import run_interpret
+    from crate.eval.report.reproduction import write_report
 
     data, ckpt, out, _ = prepared
     cfg = InterpretConfig(protocol="tar", seq_len=T, n_tokens=12 * T, batch_size=8, device="cpu", top_k=6,

@@ -61,7 +61,7 @@ def test_clamping_a_unit_the_head_ignores_costs_nothing(arch):
 
 @torch.no_grad()
 def test_a_latent_with_no_decoder_direction_costs_nothing():
-    from crate.eval.sae.train import SAEModel
+    from crate.eval.sae.attach import SAEModel
     from test_sae import _identity_sae
 
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import pytest
 from crate.errors import CrateError
 from crate.eval.stats import neurons as neuron_stats
 from crate.eval.stats import seeds as seed_stats
-from crate.eval.report.study import claims
+from crate.eval.report.study_claims import claims
 
 
 def test_seed_aware_interval_of_a_hand_computed_case():

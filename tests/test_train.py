@@ -21,7 +21,8 @@ import crate
 from crate.errors import CheckpointError, ConfigError, DataError
 from crate.train import data as D
 from crate.train.config import RunConfig, load_recipe
-from crate.train.run import AtomicCheckpointIO, train
+from crate.train.checkpoint_io import AtomicCheckpointIO
+from crate.train.run import train
 from conftest import TRAIN_DATA
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -24,7 +24,8 @@ from crate.cli import main
 from crate.errors import CheckpointError, ConfigError
 from crate.train import data as D
 from crate.train.config import load_recipe
-from crate.train.run import AtomicCheckpointIO, train
+from crate.train.checkpoint_io import AtomicCheckpointIO
+from crate.train.run import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 from pathlib import Path
-
-from crate.argtypes import device, positive_int
 
 SIGINT_EXIT = 128 + signal.SIGINT  # 130, what a shell reports for a command stopped by Ctrl-C
 
@@ -62,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from crate.train.run import export_checkpoint
+    from crate.train.export import export_checkpoint
 
     path = export_checkpoint(args.ckpt, args.out, data_dir=args.data)
     print(f"wrote {path}")

@@ -23,7 +23,6 @@ import codecs
 import hashlib
 import json
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -370,16 +369,7 @@ def prepare(
     the first `bpe_train_chars` characters of the training pieces, with `vocab_size` entries). `encoding`
     decodes .txt and .jsonl files (strictly). Running it again with the same inputs is a no-op when
     complete and resumes when interrupted; other inputs are refused unless `overwrite`."""
-    if tokenizer not in ("gpt2", "bpe"):
-        raise DataError(f"tokenizer must be 'gpt2' or 'bpe', got {tokenizer!r}")
-    if tokenizer == "bpe":
-        check_bpe_vocab_size(vocab_size)
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    try:
-        codecs.lookup(encoding)
-    except LookupError:
-        raise DataError(f"unknown --encoding {encoding!r}: use a Python codec name such as utf-8, latin-1, cp1252") from None
+    _check_arguments(tokenizer, vocab_size, val_fraction, encoding)
     out = Path(out_dir)
     args = prepare_args(source, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed,
                         text_field=text_field, hf_split=hf_split, hf_config=hf_config, max_documents=max_documents,
@@ -395,6 +385,63 @@ def prepare(
             raise DataError(f"{out} holds data prepared from other inputs ({'; '.join(differences)}): "
                             f"pass --overwrite to replace it, or choose another --out")
         return out
+    state = _resume_state(out, args)
+    if not args["source"].startswith("hf:") and args["source"] != "embedded":
+        from crate.train.corpus import local_files
+
+        local_files(source)  # fail early on a bad path
+    out.mkdir(parents=True, exist_ok=True)
+    if not state:  # from the first file on, the folder is recognisably ours (check_out_dir)
+        _write_json(out / PROGRESS, {"args": args})
+
+    tok = _tokenizer(out, source, args, state, tokenizer, vocab_size, bpe_train_chars)
+    tok_json = tok.to_str()
+    identity = tokenizer_identity(tok, "gpt2" if tokenizer == "gpt2" else f"bpe-{vocab_size}")
+    eot = tok.token_to_id(EOT)
+    dtype = token_dtype(identity["vocab_size"])
+    write_bytes(out / TOKENIZER, tok_json.encode())
+
+    writers, docs_done, counts = _tokenize(out, source, args, state, tok_json, eot, dtype, shard_tokens, num_proc,
+                                           progress)
+    if counts[0] == 0:
+        raise DataError(f"{source}: no training tokens (empty source, or val_fraction={val_fraction} took everything)")
+    manifest = {
+        "format": FORMAT,
+        "source": args["source"],
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "tokenizer": identity,
+        "vocab_size": identity["vocab_size"],
+        "eot_id": eot,
+        "dtype": dtype.name,
+        "documents": docs_done,
+        "tokens": {"train": counts[0], "val": counts[1]},
+        "splits": {s: {"tokens": c, "shards": w.shards} for s, c, w in zip(SPLITS, counts, writers)},
+        "args": args,
+    }
+    _write_json(out / MANIFEST, manifest)
+    for p in [out / PROGRESS, *out.glob(".pending-*.npy")]:
+        p.unlink(missing_ok=True)
+    return out
+
+
+def _check_arguments(tokenizer: str, vocab_size: int, val_fraction: float, encoding: str) -> None:
+    """Refuse arguments that cannot work, before anything is read or written."""
+    if tokenizer not in ("gpt2", "bpe"):
+        raise DataError(f"tokenizer must be 'gpt2' or 'bpe', got {tokenizer!r}")
+    if tokenizer == "bpe":
+        check_bpe_vocab_size(vocab_size)
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise DataError(f"unknown --encoding {encoding!r}: use a Python codec name such as utf-8, latin-1, cp1252") from None
+
+
+def _resume_state(out: Path, args: dict[str, Any]) -> dict[str, Any]:
+    """The progress.json of an interrupted prepare of the same inputs ({} when there is none); one of other inputs
+    is refused, unless it stopped before its first shard (then it is cleared and this one starts over)."""
     state: dict[str, Any] = {}
     if (out / PROGRESS).exists():
         state = json.loads((out / PROGRESS).read_text())
@@ -406,58 +453,40 @@ def prepare(
         if differences:
             raise DataError(f"{out} holds an interrupted `crate prepare` of other inputs ({'; '.join(differences)}): "
                             f"run it with those to finish it, pass --overwrite to start over, or choose another --out")
-    if not args["source"].startswith("hf:") and args["source"] != "embedded":
-        from crate.train.corpus import local_files
+    return state
 
-        local_files(source)  # fail early on a bad path
-    out.mkdir(parents=True, exist_ok=True)
-    if not state:  # from the first file on, the folder is recognisably ours (check_out_dir)
-        _write_json(out / PROGRESS, {"args": args})
 
-    # 1. the tokenizer (kept from an interrupted run, so resuming tokenizes identically)
+def _tokenizer(out: Path, source: str, args: dict[str, Any], state: dict[str, Any], tokenizer: str, vocab_size: int,
+               bpe_train_chars: int) -> Any:
+    """1. the tokenizer (kept from an interrupted run, so resuming tokenizes identically)."""
     if (out / TOKENIZER).exists() and state:
-        tok = load_tokenizer(out)
-    elif tokenizer == "gpt2":
-        tok = gpt2_tokenizer()
-    else:
-        def train_texts() -> Iterator[str]:
-            n = 0
-            for split, text, *_ in _stream(source, args):
-                if split == 0:
-                    yield text
-                    n += len(text)
-                    if n >= bpe_train_chars:
-                        return
+        return load_tokenizer(out)
+    if tokenizer == "gpt2":
+        return gpt2_tokenizer()
 
-        tok = train_bpe(train_texts(), vocab_size)
-    tok_json = tok.to_str()
-    identity = tokenizer_identity(tok, "gpt2" if tokenizer == "gpt2" else f"bpe-{vocab_size}")
-    eot = tok.token_to_id(EOT)
-    dtype = token_dtype(identity["vocab_size"])
-    write_bytes(out / TOKENIZER, tok_json.encode())
+    def train_texts() -> Iterator[str]:
+        n = 0
+        for split, text, *_ in _stream(source, args):
+            if split == 0:
+                yield text
+                n += len(text)
+                if n >= bpe_train_chars:
+                    return
 
-    # 2. tokenize, in order, with a pool of workers; commit progress with every shard written
+    return train_bpe(train_texts(), vocab_size)
+
+
+def _tokenize(out: Path, source: str, args: dict[str, Any], state: dict[str, Any], tok_json: str, eot: int,
+              dtype: np.dtype, shard_tokens: int, num_proc: int | None,
+              progress: bool) -> tuple[list[_ShardWriter], int, list[int]]:
+    """2. tokenize, in order, with a pool of workers; commit progress with every shard written. Returns the split
+    writers (finished: every token in a shard), the documents and the tokens per split."""
     writers = [_ShardWriter(out, s, dtype, shard_tokens, state.get(s, {})) for s in SPLITS]
     pieces_done = state.get("pieces_done", 0)
     docs_done = state.get("documents", 0)
     counts = state.get("counts", [0, 0])
     nproc = max(1, num_proc if num_proc is not None else min(8, os.cpu_count() or 1))
-
-    def stream() -> Iterator[tuple[int, str, bool, bool]]:
-        for i, item in enumerate(_stream(source, args)):
-            if i >= pieces_done:
-                yield item
-
-    batches = _batches(stream(), chars=min(1 << 20, shard_tokens))  # about one shard per commit at most
-    pool = None
-    if nproc > 1:
-        import multiprocessing as mp
-
-        pool = mp.get_context("fork").Pool(nproc, initializer=_init_pool_worker, initargs=(tok_json,))
-        encoded = pool.imap(_encode_items, batches)
-    else:
-        _init_worker(tok_json)
-        encoded = map(_encode_items, batches)
+    encoded, pool = _encoded_batches(source, args, pieces_done, tok_json, shard_tokens, nproc)
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -479,12 +508,7 @@ def prepare(
                     new_tokens += len(arr)
                 pieces_done += len(batch)
                 if any(w.wrote for w in writers):
-                    snapshot = {"args": args, "pieces_done": pieces_done, "documents": docs_done, "counts": counts}
-                    snapshot.update({s: w.state(pieces_done) for s, w in zip(SPLITS, writers)})
-                    _write_json(out / PROGRESS, snapshot)  # the commit point
-                    for w in writers:
-                        w.committed()
-                        w.wrote = False
+                    _commit(out, args, pieces_done, docs_done, counts, writers)
                 rate = new_tokens / max(time.perf_counter() - t0, 1e-9)
                 bar.update(task, description=f"tokenizing: {docs_done:,} documents, {sum(counts):,} tokens, {rate:,.0f} tokens/s")
         finally:
@@ -492,34 +516,40 @@ def prepare(
                 pool.terminate()
     for w in writers:
         w.finish()
-    if counts[0] == 0:
-        raise DataError(f"{source}: no training tokens (empty source, or val_fraction={val_fraction} took everything)")
+    return writers, docs_done, counts
 
-    manifest = {
-        "format": FORMAT,
-        "source": args["source"],
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "tokenizer": identity,
-        "vocab_size": identity["vocab_size"],
-        "eot_id": eot,
-        "dtype": dtype.name,
-        "documents": docs_done,
-        "tokens": {"train": counts[0], "val": counts[1]},
-        "splits": {s: {"tokens": c, "shards": w.shards} for s, c, w in zip(SPLITS, counts, writers)},
-        "args": args,
-    }
-    _write_json(out / MANIFEST, manifest)
-    for p in [out / PROGRESS, *out.glob(".pending-*.npy")]:
-        p.unlink(missing_ok=True)
-    return out
+
+def _encoded_batches(source: str, args: dict[str, Any], pieces_done: int, tok_json: str, shard_tokens: int,
+                     nproc: int) -> tuple[Iterator[list[tuple[int, list[int], bool, bool]]], Any]:
+    """The pieces after the first `pieces_done`, in batches, encoded in order by `nproc` processes (or this one):
+    (the encoded batches, the pool to terminate or None)."""
+
+    def stream() -> Iterator[tuple[int, str, bool, bool]]:
+        for i, item in enumerate(_stream(source, args)):
+            if i >= pieces_done:
+                yield item
+
+    batches = _batches(stream(), chars=min(1 << 20, shard_tokens))  # about one shard per commit at most
+    if nproc > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("fork").Pool(nproc, initializer=_init_pool_worker, initargs=(tok_json,))
+        return pool.imap(_encode_items, batches), pool
+    _init_worker(tok_json)
+    return map(_encode_items, batches), None
+
+
+def _commit(out: Path, args: dict[str, Any], pieces_done: int, docs_done: int, counts: list[int],
+            writers: list[_ShardWriter]) -> None:
+    """The commit point: progress.json names the shards written and each split's pending tokens."""
+    snapshot = {"args": args, "pieces_done": pieces_done, "documents": docs_done, "counts": counts}
+    snapshot.update({s: w.state(pieces_done) for s, w in zip(SPLITS, writers)})
+    _write_json(out / PROGRESS, snapshot)
+    for w in writers:
+        w.committed()
+        w.wrote = False
 
 
 def _encode_items(batch: list[tuple[int, str, bool, bool]]) -> list[tuple[int, list[int], bool, bool]]:
     ids = _encode([item[1] for item in batch])
     return [(split, i, *ends) for (split, _, *ends), i in zip(batch, ids)]
-
-
-def remove_prepared(data_dir: str | Path) -> None:
-    """Delete a prepared directory (tests and `--overwrite` of a whole folder)."""
-    shutil.rmtree(data_dir, ignore_errors=True)

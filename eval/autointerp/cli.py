@@ -43,8 +43,10 @@ def _neurons(text: str | None) -> int | list[int] | None:
 
 
 def cmd_interpret(args: argparse.Namespace) -> int:
-    from crate.errors import CrateError
-    from crate.eval.autointerp.interpret import InterpretConfig, run_compare, run_interpret, summary_markdown
+    from crate.eval.autointerp.compare import run_compare
+    from crate.eval.autointerp.config import InterpretConfig
+    from crate.eval.autointerp.interpret import run_interpret
+    from crate.eval.autointerp.summary import summary_markdown
     from crate.eval.models import checkpoint_names
 
     llm_options: dict[str, Any] = {}

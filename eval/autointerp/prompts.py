@@ -6,7 +6,7 @@ record ("<token>\\t" then the slot), with the placeholder "unknown" after it, so
 distribution over "0".."10" at every token (OpenAI's "all at once").
 
 Every prompt puts what one explanation's prompts share first (the few-shot preamble, the explanation, the
-question) and the record last, so that a backend computes that prefix once for all of them (crate.eval.llm.backends
+question) and the record last, so that a backend computes that prefix once for all of them (crate.eval.llm.hf
 `HFLLM.slot_probs`; vLLM's automatic prefix caching).
 """
 

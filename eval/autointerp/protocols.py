@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crate.errors import CrateError
-from crate.eval.record.recorder import Window
+from crate.eval.record.windows import Window
 
 
 @dataclass(frozen=True)

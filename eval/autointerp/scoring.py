@@ -7,7 +7,7 @@
   true activations rescaled to 0..10 by the neuron's maximum (the simulator's scale): not comparable with
   neuron_explainer's, which use the raw activations.
 - `balanced_accuracy`: detection and fuzzing scores as EleutherAI's delphi computes them, (TPR + TNR) / 2 (the
-  samples are ours: crate.eval.autointerp.interpret `neuron_steps`).
+  samples are ours: crate.eval.autointerp.steps `neuron_steps`).
 """
 
 from __future__ import annotations

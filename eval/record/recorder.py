@@ -17,13 +17,14 @@ The stream is cut into sequences of `seq_len` tokens (context restarts at each),
 (sequence * seq_len + t), and a record is the window [t - window//2, t + window - window//2) clipped to its
 sequence. Memory is O(neurons x records x window) on the device (plus vocab x neurons for selectivity),
 never O(tokens x neurons); the stream itself may be a np.memmap.
+
+One neuron's windows and NeuronRecord come from the recording afterwards (crate.eval.record.windows); a records
+folder is written and read by crate.eval.record.recordings_io.
 """
 
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -115,20 +116,13 @@ class LayerRecording:
             d[k] = float(d[k])
         return cls(**d)
 
-    def window_ids(self, stream: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """Token ids of the windows around flattened positions `pos` (any shape) -> (..., W), -1 outside."""
-        return window_token_ids(stream, pos, self.seq_len, self.window, self.left)
 
-
-def window_token_ids(stream: np.ndarray, pos: np.ndarray, seq_len: int, window: int, left: int) -> np.ndarray:
-    pos = np.asarray(pos, dtype=np.int64)
-    t = pos % seq_len
-    off = np.arange(window) - left
-    tt = t[..., None] + off
-    valid = (tt >= 0) & (tt < seq_len) & (pos[..., None] >= 0)
-    idx = np.where(valid, pos[..., None] + off, 0)
-    ids = np.asarray(stream[idx.ravel()], dtype=np.int64).reshape(idx.shape)
-    return np.where(valid, ids, -1)
+def recorded_tokens(stream_tokens: int, spec: RecordingSpec, block_size: int) -> tuple[int, int]:
+    """(sequence length, tokens recorded): sequences of `spec.seq_len` tokens (at most the model's block size),
+    as many whole ones as the stream holds, within `spec.n_tokens` from its start (all of it when None)."""
+    T = min(spec.seq_len, block_size)
+    available = (stream_tokens // T) * T
+    return T, available if spec.n_tokens is None else (min(spec.n_tokens, stream_tokens) // T) * T
 
 
 def random_positions(n_tokens: int, n_neurons: int, n_random: int, seed: int) -> np.ndarray:
@@ -343,9 +337,7 @@ def record_activations(
 ) -> dict[str, LayerRecording]:
     """Record every neuron of `layers` over the first `spec.n_tokens` tokens of `stream` (1-D token ids)."""
     dev = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    T = min(spec.seq_len, model.config.block_size)  # type: ignore[attr-defined]
-    available = (len(stream) // T) * T
-    n_tokens = available if spec.n_tokens is None else (min(spec.n_tokens, len(stream)) // T) * T
+    T, n_tokens = recorded_tokens(len(stream), spec, model.config.block_size)  # type: ignore[attr-defined]
     if n_tokens <= 0:
         raise CrateError(f"the token stream has {len(stream)} tokens: fewer than one sequence of {T}")
     spec = RecordingSpec(**{**spec.to_dict(), "seq_len": T, "n_tokens": n_tokens})
@@ -448,148 +440,5 @@ def _finish(st: _LayerState, n_tokens: int) -> LayerRecording:
     )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Records for one neuron: positions -> (tokens, activations) windows, and neuron_explainer's NeuronRecord.
-
-
-@dataclass
-class Window:
-    """A record with where it came from: tokens, activations, the index of its centre and an id."""
-
-    tokens: list[str]
-    activations: list[float]
-    center: int
-    id: str
-    position: int = -1
-
-
-def layer_window_ids(rec: LayerRecording, stream: np.ndarray) -> dict[str, np.ndarray]:
-    """Token ids of every window of a layer at once (int32, -1 outside the sequence): top, random, quantile."""
-    f = lambda pos: window_token_ids(stream, pos, rec.seq_len, rec.window, rec.left).astype(np.int32)  # noqa: E731
-    return {"top": f(rec.top_pos), "random": f(rec.rand_pos), "quantile": f(rec.q_pos)}
-
-
-def _record_windows(ids: np.ndarray, acts: np.ndarray, pos: np.ndarray, left: int, token_strings: Sequence[str],
-             rids: Sequence[str]) -> list[Window | None]:
-    """Windows of rows of (token ids, activations, position); None where the position is -1 (no record). The rows
-    go to Python lists at once: per-row numpy calls cost more than the windows' few dozen tokens."""
-    out: list[Window | None] = []
-    for row_ids, row_acts, p, rid in zip(ids.tolist(), acts.astype(np.float64).tolist(), pos.tolist(), rids):
-        if p < 0:
-            out.append(None)
-            continue
-        keep = [j for j, i in enumerate(row_ids) if i >= 0]
-        out.append(Window(tokens=[token_strings[row_ids[j]] for j in keep], activations=[row_acts[j] for j in keep],
-                          center=left - (keep[0] if keep else 0), id=rid, position=int(p)))
-    return out
-
-
-def neuron_windows(rec: LayerRecording, neuron: int, stream: np.ndarray, token_strings: Sequence[str],
-                   ids: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """{"top": [Window], "random": [Window], "quantile": [[Window]] per bin} for one neuron.
-
-    `ids` (from `layer_window_ids`) saves recomputing the token ids when going through many neurons."""
-    n, L, ts = neuron, rec.left, token_strings
-    if ids is None:
-        f = lambda pos: window_token_ids(stream, pos, rec.seq_len, rec.window, rec.left)  # noqa: E731
-        ids = {"top": f(rec.top_pos[:, n : n + 1]), "random": f(rec.rand_pos[:, n : n + 1]),
-               "quantile": f(rec.q_pos[:, :, n : n + 1])}
-        col = 0
-    else:
-        col = n
-    K, R = rec.top_pos.shape[0], rec.rand_pos.shape[0]
-    Q, P = rec.q_pos.shape[:2]
-    top = _record_windows(ids["top"][:, col], rec.top_win[:, n], rec.top_pos[:, n], L, ts,
-                          [f"top:{k}" for k in range(K)])
-    rnd = _record_windows(ids["random"][:, col], rec.rand_win[:, n], rec.rand_pos[:, n], L, ts,
-                   [f"random:{r}" for r in range(R)])
-    W = rec.q_win.shape[-1]
-    flat = _record_windows(ids["quantile"][:, :, col].reshape(Q * P, W), rec.q_win[:, :, n].reshape(Q * P, W),
-                    rec.q_pos[:, :, n].reshape(-1), L, ts, [f"quantile:{q}:{p}" for q in range(Q) for p in range(P)])
-    return {
-        "top": [w for w in top if w is not None],
-        "random": [w for w in rnd if w is not None],
-        "quantile": [[w for w in flat[q * P:(q + 1) * P] if w is not None] for q in range(Q)],
-    }
-
-
-def neuron_record(rec: LayerRecording, neuron: int, stream: np.ndarray, token_strings: Sequence[str],
-                  layer_index: int | None = None, ids: dict[str, np.ndarray] | None = None):
-    """The neuron_explainer `NeuronRecord` of one neuron; its moments are over every recorded token
-    (population variance, excess kurtosis: see crate.eval.record.neuron_record)."""
-    from crate.eval.record.neuron_record import ActivationRecord, NeuronId, NeuronRecord
-
-    w = neuron_windows(rec, neuron, stream, token_strings, ids=ids)
-    ar = lambda x: ActivationRecord(tokens=x.tokens, activations=x.activations)  # noqa: E731
-    li = layer_index if layer_index is not None else (int(rec.layer) if rec.layer.isdigit() else -1)
-    return NeuronRecord(
-        neuron_id=NeuronId(layer_index=li, neuron_index=int(neuron)),
-        random_sample=[ar(x) for x in w["random"]],
-        random_sample_by_quantile=[[ar(x) for x in ws] for ws in w["quantile"]],
-        quantile_boundaries=[float(b) for b in rec.boundaries[neuron]],
-        mean=float(rec.mean[neuron]), variance=float(rec.var[neuron]),
-        skewness=float(rec.skew[neuron]), kurtosis=float(rec.kurt[neuron]),
-        most_positive_activation_records=[ar(x) for x in w["top"]],
-    )
-
-
-def token_strings_from(decode: Callable[[int], str] | Sequence[str], vocab_size: int) -> list[str]:
-    """A list of token strings for ids 0..vocab_size-1 from a decoder function or a ready list."""
-    if callable(decode):
-        return [decode(i) for i in range(vocab_size)]
-    strings = list(decode)
-    if len(strings) < vocab_size:
-        strings += [f"<{i}>" for i in range(len(strings), vocab_size)]
-    return strings
-
-
-def write_records(recordings: dict[str, LayerRecording], stream: np.ndarray, token_strings: Sequence[str],
-                  records_dir: str | Path, neurons: dict[str, Sequence[int]] | None = None,
-                  write_json: bool = True, meta: dict[str, Any] | None = None) -> Path:
-    """Write `<records_dir>/<layer>/cache.npz` and (optionally) `<records_dir>/<layer>/<neuron>.json`."""
-    import json
-
-    records_dir = Path(records_dir)
-    records_dir.mkdir(parents=True, exist_ok=True)
-    for name, rec in recordings.items():
-        rec.save(records_dir / name / "cache.npz")
-        if write_json:
-            todo = [int(n) for n in (neurons or {}).get(name, range(rec.n_neurons))]
-            _JSON_JOB.update(rec=rec, stream=stream, strings=token_strings, ids=layer_window_ids(rec, stream),
-                             dir=records_dir, layer=name)
-            workers = min(os.cpu_count() or 1, 16)
-            if len(todo) >= 256 and workers > 2 and "fork" in mp.get_all_start_methods():
-                chunks = [todo[i::workers] for i in range(workers)]
-                with mp.get_context("fork").Pool(workers) as pool:  # the job is inherited, not pickled
-                    pool.map(_write_json_chunk, chunks)
-            else:
-                _write_json_chunk(todo)
-            _JSON_JOB.clear()
-    if meta is not None:
-        (records_dir / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    return records_dir
-
-
-_JSON_JOB: dict[str, Any] = {}
-
-
-def _write_json_chunk(neurons: list[int]) -> None:
-    from crate.eval.record.neuron_record import record_path, save_neuron_record
-
-    j = _JSON_JOB
-    for n in neurons:
-        save_neuron_record(neuron_record(j["rec"], n, j["stream"], j["strings"], ids=j["ids"]),
-                           record_path(j["dir"], j["layer"], n))
-
-
-def load_recordings(records_dir: str | Path) -> dict[str, LayerRecording]:
-    out = {}
-    for p in sorted(Path(records_dir).glob("*/cache.npz")):
-        out[p.parent.name] = LayerRecording.load(p)
-    return out
-
-
-__all__ = [
-    "RecordingSpec", "LayerRecording", "Window", "record_activations", "random_positions", "window_token_ids",
-    "neuron_windows", "neuron_record", "layer_window_ids", "write_records", "load_recordings", "token_strings_from", "resolve_layers",
-]
+__all__ = ["RecordingSpec", "LayerRecording", "record_activations", "recorded_tokens", "random_positions",
+           "resolve_layers"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,10 @@ from typing import Any
 import numpy as np
 
 from crate.eval.report.results import ModelResult, ReportError, discover, layer_sort_key, score_value
+from crate.eval.report.tables import slug
 
 TOP_RECORDS = 20
 RANDOM_RECORDS = 10
-
-
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-.") or "model"
 
 
 def _num(x: Any, digits: int = 4) -> float | None:
@@ -135,10 +131,10 @@ def _layers(result: ModelResult) -> list[str]:
 
 def _model_ids(results: list[ModelResult]) -> list[str]:
     """Unique, path-safe ids: the folder name, prefixed with its parent's where names repeat."""
-    names = [_slug(r.path.name) for r in results]
+    names = [slug(r.path.name, "model", "-.") for r in results]
     ids = []
     for r, n in zip(results, names):
-        ids.append(_slug(f"{r.path.parent.name}-{n}") if names.count(n) > 1 else n)
+        ids.append(slug(f"{r.path.parent.name}-{n}", "model", "-.") if names.count(n) > 1 else n)
     seen: dict[str, int] = {}
     for i, x in enumerate(ids):  # still equal (same parent name): number them
         seen[x] = seen.get(x, 0) + 1

@@ -10,7 +10,7 @@ import argparse
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from crate.eval.report.results import write_report
+    from crate.eval.report.reproduction import write_report
 
     index = write_report(args.runs, args.out, seed=args.seed, n_boot=args.n_boot)
     print(f"report: {index}")

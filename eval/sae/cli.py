@@ -1,10 +1,9 @@
-"""`crate sae train | metrics`: sparse autoencoders on a model's neurons (crate.eval.sae.train); heavy imports stay in
+"""`crate sae train | metrics`: sparse autoencoders on a model's neurons (crate.eval.sae); heavy imports stay in
 the handlers."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from crate.argtypes import device, nonnegative_int, positive_int
 
@@ -19,7 +18,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def cmd_sae_train(args: argparse.Namespace) -> int:
-    from crate.eval.sae.train import SAETrainConfig, metrics_line, train_from_files
+    from crate.eval.sae.metrics import metrics_line
+    from crate.eval.sae.train import SAETrainConfig, train_from_files
 
     cfg = SAETrainConfig(kind=args.kind, layer=args.layer, expansion=args.expansion, l1=args.l1, k=args.k, lr=args.lr,
                          steps=args.steps, batch_tokens=args.batch_tokens, lm_batch=args.lm_batch,
@@ -33,7 +33,8 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_metrics(args: argparse.Namespace) -> int:
-    from crate.eval.sae.train import load_sae, metrics_line, sae_metrics
+    from crate.eval.sae.attach import load_sae
+    from crate.eval.sae.metrics import metrics_line, sae_metrics
     from crate.train.data import open_split
     from crate.loading import load_any
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from crate.eval.workflows.steps import ReproduceOptions, reproduce
+    from crate.eval.workflows.reproduce import ReproduceOptions, reproduce
 
     sizes = ["1L", "2L", "3L", "S", "B"] if args.all else [args.size]
     opts = ReproduceOptions(
@@ -28,7 +28,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from crate.eval.workflows.steps import DemoOptions, demo
+    from crate.eval.workflows.demo import DemoOptions, demo
 
     opts = DemoOptions(out=Path(args.out), steps=args.steps, neurons=args.neurons, llm=args.llm, seed=args.seed,
                        browser=not args.no_browser, controls=not args.no_controls, max_documents=args.documents,

@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crate.errors import CrateError
+from crate.errors import CrateError, PipelineError
+from crate.eval.report.study_layout import interpret_dir, run_dir
 from crate.eval.workflows.steps import (
-    ARCHS, PipelineError, _log, _padded, _quiet, interpret_model, matched_overrides, prepare_data, train_model,
-    train_saes,
+    ARCHS, CPU_SAE, interpret_model, log, matched_overrides, prepare_data, quiet, train_model, train_saes,
 )
+from crate.tokenizer import padded_vocab
 
 STUDY_SIZES = ("1L", "2L", "3L")
 MATCHES = ("params", "width")
@@ -43,9 +44,6 @@ STUDY_OUTPUTS = ("data", "runs", "interpret", "interpret-smollm2", "timings.json
 # Per run: 200 steps of 32 x 64 tokens (410k tokens, about 1/3 of the corpus) at the demo's rates.
 STUDY_TRAIN = {"batch_size": 32, "micro_batch_size": 32, "lr": 3e-3, "min_lr": 3e-4, "val_batches": 4,
                "final_val_batches": 8}
-# GPT-SAE: the demo's ReLU + L1 SAE (4x, 150 steps), on 64-token sequences.
-STUDY_SAE = dict(expansion=4, steps=150, batch_tokens=512, lm_batch=8, buffer_tokens=8192, lr=1e-3, l1=1.0,
-                 warmup_steps=10, resample_at=(75,), dead_window=25, eval_tokens=8192)
 
 
 @dataclass
@@ -91,14 +89,6 @@ class Unit:
     @property
     def name(self) -> str:
         return f"seed{self.seed}/{self.size}"
-
-
-def interpret_dir(out: Path, seed: int, size: str, system: str, llm: bool = False) -> Path:
-    return out / ("interpret-smollm2" if llm else "interpret") / f"seed{seed}" / size / system
-
-
-def run_dir(out: Path, seed: int, size: str, arch: str) -> Path:
-    return out / "runs" / f"seed{seed}" / f"{arch}-{size}"
 
 
 def build_units(opts: StudyOptions, data_dir: Path, vocab: int) -> list[Unit]:
@@ -167,7 +157,7 @@ def preflight(opts: StudyOptions) -> list[str]:
 
     problems: list[str] = []
     try:
-        build_units(opts, Path(opts.out) / "data", _padded(opts.vocab_size))
+        build_units(opts, Path(opts.out) / "data", padded_vocab(opts.vocab_size))
     except CrateError as e:
         problems.append(str(e))
     for p in opts.protocols:
@@ -186,7 +176,7 @@ def preflight(opts: StudyOptions) -> list[str]:
     if opts.sae and importlib.util.find_spec("sae_lens") is None:
         problems.append('GPT-SAE needs SAELens: pip install -e ".[sae]", or pass --no-sae')
     if opts.llm_neurons:
-        from crate.eval.llm.backends import check_llm
+        from crate.eval.llm.registry import check_llm
 
         try:
             check_llm("smollm2")
@@ -251,7 +241,7 @@ def run_unit(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float) -> None:
         checkpoints[arch] = str(final)
     if opts.sae:
         checkpoints["gpt-sae"] = train_saes(Path(checkpoints["gpt"]), data_dir, t0, opts.overwrite, seed=unit.seed,
-                                            seq_len=opts.context, **STUDY_SAE)
+                                            seq_len=opts.context, **CPU_SAE)
     common = dict(explainer="stats", simulator="stats", seq_len=opts.context, n_tokens=opts.n_tokens,
                   seed=opts.interpret_seed, batch_size=32, n_boot=opts.n_boot, write_json=False,
                   overwrite=opts.overwrite)
@@ -278,7 +268,7 @@ def _unit_worker(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float, thre
     import torch
 
     torch.set_num_threads(threads)
-    _quiet()
+    quiet()
     start = time.perf_counter()
     run_unit(opts, unit, data_dir, t0)
     return time.perf_counter() - start
@@ -355,15 +345,15 @@ def study(opts: StudyOptions, command: str | None = None) -> Path:
     if problems:
         raise PipelineError("the study cannot run; nothing was done:\n  - " + "\n  - ".join(problems))
     out.mkdir(parents=True, exist_ok=True)
-    _quiet()
-    _log(f"crate study: sizes {', '.join(opts.sizes)} x {opts.seeds} training seeds x CRATE, GPT"
-         f"{', GPT-SAE' if opts.sae else ''}; {opts.steps} steps each; protocols {', '.join(opts.protocols)}; "
-         f"{torch.get_num_threads()} CPU threads; output in {out}", t0)
+    quiet()
+    log(f"crate study: sizes {', '.join(opts.sizes)} x {opts.seeds} training seeds x CRATE, GPT"
+        f"{', GPT-SAE' if opts.sae else ''}; {opts.steps} steps each; protocols {', '.join(opts.protocols)}; "
+        f"{torch.get_num_threads()} CPU threads; output in {out}", t0)
     data_dir = prepare_data("embedded", out / "data", "bpe", opts.vocab_size, t0, opts.max_documents, opts.overwrite)
-    units = build_units(opts, data_dir, _padded(read_manifest(data_dir)["vocab_size"]))
+    units = build_units(opts, data_dir, padded_vocab(read_manifest(data_dir)["vocab_size"]))
     for u in units[: len(opts.sizes)]:
-        _log(f"{u.size}: CRATE {u.params['crate']:,} parameters (n_hidden {u.n_hidden['crate']}) "
-             f"vs GPT {u.params['gpt']:,} ({100 * (u.params['crate'] - u.params['gpt']) / u.params['gpt']:+.1f}%)", t0)
+        log(f"{u.size}: CRATE {u.params['crate']:,} parameters (n_hidden {u.n_hidden['crate']}) "
+            f"vs GPT {u.params['gpt']:,} ({100 * (u.params['crate'] - u.params['gpt']) / u.params['gpt']:+.1f}%)", t0)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     runs: dict[str, float] = timings.setdefault("runs", {})
@@ -382,8 +372,8 @@ def study(opts: StudyOptions, command: str | None = None) -> Path:
             runs[unit.name] = round(seconds, 1)
         inputs[unit.name] = key
         computed = computed or not was_reused
-        _log(f"{unit.name}: {'reused' if was_reused else f'done in {seconds:.0f}s'}; "
-             f"{clock.done(unit, seconds, was_reused)}", t0)
+        log(f"{unit.name}: {'reused' if was_reused else f'done in {seconds:.0f}s'}; "
+            f"{clock.done(unit, seconds, was_reused)}", t0)
         timings_path.write_text(json.dumps(timings, indent=1))
     if computed:
         timings["wall"] = round(timings.get("wall", 0.0) + time.perf_counter() - start, 1)
@@ -394,12 +384,12 @@ def study(opts: StudyOptions, command: str | None = None) -> Path:
 
     from crate.eval.report.study import write_study_report
 
-    _log("report: seed-aware intervals, verdicts, plots", t0)
+    log("report: seed-aware intervals, verdicts, plots", t0)
     index = write_study_report(out, opts, units, timings, command=command)
-    _log(f"done in {time.perf_counter() - t0:.0f}s (the study took {timings.get('wall', 0) / 60:.1f} min of wall time "
-         f"to compute, across resumes)", t0)
+    log(f"done in {time.perf_counter() - t0:.0f}s (the study took {timings.get('wall', 0) / 60:.1f} min of wall time "
+        f"to compute, across resumes)", t0)
     print(f"report: {index.resolve()}")
     return index
 
 
-__all__ = ["StudyOptions", "study", "build_units", "preflight", "interpret_dir", "run_dir", "STUDY_SIZES"]
+__all__ = ["StudyOptions", "study", "build_units", "preflight", "STUDY_SIZES"]

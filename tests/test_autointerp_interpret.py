@@ -9,11 +9,13 @@ import torch
 
 import crate
 from crate import build_model
-from crate.eval.autointerp.interpret import InterpretConfig, run_compare, run_interpret
+from crate.eval.autointerp.compare import run_compare
+from crate.eval.autointerp.config import InterpretConfig
+from crate.eval.autointerp.interpret import run_interpret
 from crate.eval.record.neuron_record import load_neuron_record
 from crate.eval.autointerp.scoring import pooled_correlation
 from conftest import prepare_tiny
-from test_scoring_interp import (
+from test_autointerp_scoring import (
     aggregate_interval_reference, as_layers, difference_interval_reference, mean_of_layer_means,
 )
 

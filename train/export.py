@@ -1,0 +1,56 @@
+"""A trained model in our checkpoint format (what `crate.load` reads): the end of `crate train`, and
+`crate export` of any Lightning checkpoint of ours.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crate.atomic import write_bytes
+from crate.loading import model_from_state, read_checkpoint_identity
+
+
+def export_model(model: Any, out: Path, train_cfg: dict[str, Any] | None, tok: Any, tok_id: dict[str, Any],
+                 manifest: dict[str, Any] | None, step: int, val_loss: float | None = None,
+                 data_dir: str | Path | None = None) -> Path:
+    """Our checkpoint directory (crate.save: model.safetensors + config.json with the tokenizer identity),
+    plus the tokenizer itself as tokenizer.json beside them so the directory decodes text on its own."""
+    import crate
+
+    metadata = {"step": step, "val_loss": val_loss, "train": train_cfg,
+                "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
+                "data": {"source": manifest.get("source"), "tokens": manifest.get("tokens")} if manifest else None}
+    path = Path(crate.save(model, out, tokenizer=dict(tok_id) if tok_id else None, metadata=metadata) or out)
+    if tok is not None:
+        write_bytes(path / "tokenizer.json", tok.to_str().encode())
+    return path
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, data_dir: str | Path | None = None) -> Path:
+    """Any Lightning training checkpoint of ours (last, step-N, best) -> our checkpoint directory."""
+    from crate.checkpoint import check_replaceable
+
+    check_replaceable(Path(out))  # before reading the checkpoint
+    ckpt = Path(ckpt)
+    state = read_checkpoint_identity(ckpt)
+    model = model_from_state(state["crate"]["model"], state["state_dict"])
+    tok_id = state["crate"].get("tokenizer")
+    tok, manifest = None, None
+    if data_dir is None:
+        run_cfg = ckpt.parent.parent / "config.yaml"
+        if run_cfg.is_file():
+            data_dir = (yaml.safe_load(run_cfg.read_text()).get("resolved") or {}).get("data_dir")
+    if data_dir is not None and Path(data_dir, "tokenizer.json").is_file():
+        from crate.train.data import load_tokenizer, read_manifest
+
+        manifest = read_manifest(data_dir)
+        if tok_id is None or manifest["tokenizer"]["sha256"] == tok_id.get("sha256"):
+            tok = load_tokenizer(data_dir)
+
+    train_cfg = (state.get("hyper_parameters") or {}).get("train")
+    step = int(state.get("global_step", 0))
+    return export_model(model, Path(out), train_cfg, tok, tok_id or {}, manifest, step,
+                        data_dir=data_dir if tok else None)
