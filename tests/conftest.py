@@ -23,9 +23,9 @@ TRAIN_DATA = dict(tokenizer="bpe", vocab_size=300, max_documents=3, num_proc=1, 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    from crate.train import data as D
+    from crate.train import prepare as P
 
-    return D.prepare("embedded", tmp_path_factory.mktemp("train-data") / "d", **TRAIN_DATA)
+    return P.prepare("embedded", tmp_path_factory.mktemp("train-data") / "d", **TRAIN_DATA)
 
 
 @pytest.fixture()
@@ -42,7 +42,7 @@ def prepare_tiny(root, name: str = "data", vocab_size: int = 300, paragraphs: in
     one seeded text) in root/name: the interpretability tests' data."""
     import random
 
-    from crate.train.data import prepare
+    from crate.train.prepare import prepare
 
     text = root / "a.txt"
     if not text.exists():

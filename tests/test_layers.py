@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"crate": "crate", "crate.kernels": "kernels", "crate.train": "train", "crate.eval": "eval"}
-DATA_ACCESS = ("crate.train.data", "crate.train.corpus", "crate.train.datamodule")
+DATA_ACCESS = ("crate.train.data", "crate.train.datamodule")
 TOP = ("crate.eval.report", "crate.eval.workflows")
 
 

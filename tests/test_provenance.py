@@ -176,7 +176,7 @@ def test_layer_and_neuron_ranges_are_checked_before_recording(tmp_path, model, n
 
 @pytest.fixture(scope="module")
 def two_tokenizers(tmp_path_factory):
-    from crate.train.data import read_manifest
+    from crate.datadir import read_manifest
 
     root = tmp_path_factory.mktemp("tok")
     data = {v: prepare_tiny(root, f"bpe{v}", vocab_size=v, paragraphs=60) for v in (300, 280)}

@@ -115,7 +115,7 @@ def test_sweep_summarises_over_units_and_skips_silent_ones():
 
 
 def test_cli_steer_sweep_writes_json_table_and_plot(tmp_path, capsys):
-    from crate.train.data import prepare
+    from crate.train.prepare import prepare
 
     rng = random.Random(0)
     words = "the cat sat on a mat and the dog ran to the red house".split()

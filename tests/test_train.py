@@ -20,6 +20,8 @@ from lightning.pytorch.callbacks import Callback
 import crate
 from crate.errors import CheckpointError, ConfigError, DataError
 from crate.train import data as D
+from crate.train import prepare as P
+from crate import datadir
 from crate.train.config import RunConfig, load_recipe
 from crate.train.checkpoint_io import AtomicCheckpointIO
 from crate.train.run import train
@@ -63,7 +65,7 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def unigram_cross_entropy(data_dir: Path) -> float:
     """Nats per token of the best context-free model: train-split unigram frequencies, scored on val."""
-    V = D.read_manifest(data_dir)["vocab_size"]
+    V = datadir.read_manifest(data_dir)["vocab_size"]
     counts = np.bincount(np.asarray(D.open_split(data_dir, "train")), minlength=V) + 1.0
     p = counts / counts.sum()
     val = np.asarray(D.open_split(data_dir, "val"))
@@ -90,7 +92,7 @@ def test_end_to_end_learns(data_dir: Path, tmp_path: Path, arch: str) -> None:
     r = evaluate(summary["final"], data_dir, batch_size=16, context=64, progress=False)
     from crate.loading import read_info
 
-    assert read_info(summary["final"])["tokenizer"] == D.read_manifest(data_dir)["tokenizer"]
+    assert read_info(summary["final"])["tokenizer"] == datadir.read_manifest(data_dir)["tokenizer"]
     assert (Path(summary["final"]) / "tokenizer.json").read_bytes() == (data_dir / "tokenizer.json").read_bytes()
     assert r["loss"] == pytest.approx(summary["val_loss"], rel=1e-3)
 
@@ -167,7 +169,7 @@ def test_mismatched_resume_bad_shards_eval_export(data_dir: Path, tmp_path: Path
     train(recipe(data_dir, train__max_steps=5), out=tmp_path / "r", progress=False)
     with pytest.raises(CheckpointError, match="n_layer: checkpoint 1 vs now 2"):
         train(recipe(data_dir, model__n_layer=2, train__max_steps=10), out=tmp_path / "r", progress=False)
-    other = D.prepare("embedded", tmp_path / "other", **{**TRAIN_DATA, "vocab_size": 290, "max_documents": 1})
+    other = P.prepare("embedded", tmp_path / "other", **{**TRAIN_DATA, "vocab_size": 290, "max_documents": 1})
     with pytest.raises(CheckpointError, match="tokenizer"):
         train(recipe(other, model__vocab_size=300, train__max_steps=10), out=tmp_path / "r", progress=False)
     # crate eval on the training checkpoint equals crate eval on its export (our format, through crate.load)

@@ -22,7 +22,6 @@ import yaml
 import crate
 from crate.cli import main
 from crate.errors import CheckpointError, ConfigError
-from crate.train import data as D
 from crate.train.config import load_recipe
 from crate.train.checkpoint_io import AtomicCheckpointIO
 from crate.train.run import train

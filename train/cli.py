@@ -11,7 +11,8 @@ SIGINT_EXIT = 128 + signal.SIGINT  # 130, what a shell reports for a command sto
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from crate.train.data import MANIFEST, prepare, read_manifest
+    from crate.datadir import MANIFEST, read_manifest
+    from crate.train.prepare import prepare
 
     reused = (Path(args.out) / MANIFEST).is_file() and not args.overwrite
     try:

@@ -44,7 +44,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, data_dir: str | Path | 
         if run_cfg.is_file():
             data_dir = (yaml.safe_load(run_cfg.read_text()).get("resolved") or {}).get("data_dir")
     if data_dir is not None and Path(data_dir, "tokenizer.json").is_file():
-        from crate.train.data import load_tokenizer, read_manifest
+        from crate.datadir import load_tokenizer, read_manifest
 
         manifest = read_manifest(data_dir)
         if tok_id is None or manifest["tokenizer"]["sha256"] == tok_id.get("sha256"):

@@ -58,7 +58,8 @@ def ensure_data(cfg: RunConfig, progress: bool = True) -> Path:
     """The prepared data directory; prepared here (by rank 0, the others wait) when missing and a source is
     set. A prepared one is used when data.* names the inputs it was prepared from (or data.source is
     null); a folder that `crate prepare` did not write is never written into."""
-    from crate.train.data import MANIFEST, check_out_dir, input_differences, prepare, prepare_args, read_manifest
+    from crate.datadir import MANIFEST, read_manifest
+    from crate.train.prepare import check_out_dir, input_differences, prepare, prepare_args
 
     path, d = Path(cfg.data.path), cfg.data
     inputs = dict(tokenizer=d.tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction, seed=d.seed,
@@ -287,7 +288,8 @@ def _inputs(cfg: RunConfig, show_progress: bool) -> _Inputs:
     """The data first (the model's vocabulary may come from it), prepared when missing, every shard validated
     before any step; then the model config, the context and the tokenizer."""
     from crate.tokenizer import tokenizer_identity
-    from crate.train.data import load_tokenizer, read_manifest, validate_data
+    from crate.datadir import load_tokenizer, read_manifest
+    from crate.train.data import validate_data
 
     data_dir = ensure_data(cfg, progress=show_progress)
     manifest = read_manifest(data_dir)

@@ -153,7 +153,8 @@ def _load_inputs(checkpoint: str | Path | None, data_dir: str | Path | None, cfg
     if stream is None:
         if data_dir is None:
             raise CrateError("give a prepared data directory (or a token stream)")
-        from crate.train.data import open_split, read_manifest
+        from crate.datadir import read_manifest
+        from crate.train.data import open_split
 
         manifest = read_manifest(data_dir)
         check_tokenizers(model_tok, manifest, str(checkpoint), str(data_dir))

@@ -32,7 +32,7 @@ def load_token_strings(data_dir: str | Path | None, vocab_size: int) -> list[str
     cannot decode)."""
     if data_dir is None:
         return [f"<{i}>" for i in range(vocab_size)]
-    from crate.train.data import load_tokenizer
+    from crate.datadir import load_tokenizer
 
     tok = load_tokenizer(data_dir)
 

@@ -26,7 +26,8 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, split: str = "val", b
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from crate.provenance import check_tokenizers
-    from crate.train.data import open_shards, read_manifest
+    from crate.datadir import read_manifest
+    from crate.train.data import open_shards
     from crate.train.datamodule import TokenStream
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

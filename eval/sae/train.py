@@ -222,7 +222,8 @@ def train_from_files(checkpoint: str | Path, data_dir: str | Path, out: str | Pa
     """Check everything, then train (or reuse an SAE of identical inputs in `out`); metrics on the val split."""
     from crate.eval.models import model_label
     from crate.provenance import check_stamp, check_tokenizers, refuse
-    from crate.train.data import open_split, read_manifest
+    from crate.datadir import read_manifest
+    from crate.train.data import open_split
     from crate.loading import load_any
 
     require_sae_lens()

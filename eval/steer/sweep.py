@@ -208,7 +208,8 @@ def sweep_files(checkpoints: dict[str, str], data_dir: str | Path, out: str | Pa
     """`crate steer --sweep`: load every checkpoint (DIR or DIR+SAE), check the data's tokenizer, sweep, write."""
     from crate.eval.models import load_model
     from crate.provenance import STAMP, check_owned, check_tokenizers
-    from crate.train.data import open_split, read_manifest
+    from crate.datadir import read_manifest
+    from crate.train.data import open_split
 
     cfg.validate()
     check_owned(out, (RESULT, "steer_sweep.md", "steer_sweep.png", STAMP), "another --out")

@@ -82,7 +82,7 @@ def _start(opts: DemoOptions, out: Path, steps: int, t0: float) -> None:
 def _train(opts: DemoOptions, out: Path, steps: int, t0: float) -> tuple[Path, dict[str, Path]]:
     """Prepare the corpus and train CRATE and GPT with matched parameter counts: (data dir, {arch: final})."""
     from crate.tokenizer import padded_vocab
-    from crate.train.data import read_manifest
+    from crate.datadir import read_manifest
 
     data_dir = prepare_data("embedded", out / "data", "bpe", opts.vocab_size, t0, opts.max_documents, opts.overwrite)
     vocab = padded_vocab(read_manifest(data_dir)["vocab_size"])

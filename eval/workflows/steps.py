@@ -75,7 +75,8 @@ def prepare_data(source: str, out: Path, tokenizer: str, vocab_size: int, t0: fl
                  overwrite: bool = False) -> Path:
     """`crate prepare` into `out`: a folder prepared with the same inputs is reused, one of other inputs refused
     (crate.train.data.prepare compares the arguments its manifest records)."""
-    from crate.train.data import MANIFEST, prepare
+    from crate.datadir import MANIFEST
+    from crate.train.prepare import prepare
 
     existed = (out / MANIFEST).is_file()
     if not existed:
@@ -103,7 +104,7 @@ def train_model(name: str, model: dict[str, Any], data: dict[str, Any], train: d
 
     from crate.provenance import check_stamp, describe, refuse, write_stamp
     from crate.train.config import RunConfig
-    from crate.train.data import read_manifest
+    from crate.datadir import read_manifest
     from crate.train.run import train as run_train
 
     raw = {"name": name, "model": model, "data": data, "train": train, "system": dict(system or {})}

@@ -336,7 +336,7 @@ def study(opts: StudyOptions, command: str | None = None) -> Path:
     import torch
 
     from crate.provenance import check_owned
-    from crate.train.data import read_manifest
+    from crate.datadir import read_manifest
 
     t0 = time.perf_counter()
     out = Path(opts.out)
