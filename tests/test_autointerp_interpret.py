@@ -142,3 +142,89 @@ def test_cli_interpret(prepared, tmp_path, capsys):
     rc = main(["interpret", "-c", str(ckpts["crate"]), "-d", str(data), "-o", str(tmp_path / "x"), "--protocol",
                "nonsense"])
     assert rc == 2 and "unknown protocol" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,names", [
+    (["--quantize", "4bit"], ["--quantize 4bit", "--explainer stats", "--simulator stats"]),
+    (["--quantize", "4bit", "--explainer", "http://127.0.0.1:1/v1#m"], ["--quantize 4bit", "--explainer http://"]),
+    (["--no-api-key", "--api-key-env", "MY_KEY"], ["--no-api-key", "--api-key-env"]),
+    (["--api-key-env", "OPENAI_API_KEY", "--no-api-key"], ["--no-api-key", "--api-key-env"]),
+])
+def test_cli_interpret_refuses_conflicting_flags(flags, names, tmp_path, monkeypatch, capsys):
+    """--quantize with no in-process LLM, and --no-api-key with --api-key-env, were silently ignored."""
+    from crate.cli import main
+    from crate.eval.autointerp import interpret
+
+    monkeypatch.setattr(interpret, "plan_interpret", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.chdir(tmp_path)
+    try:
+        rc = main(["interpret", "-c", "x", "-d", "y", "-o", "z", *flags])
+    except SystemExit as e:  # argparse's usage error
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and all(n in err for n in names) and "Traceback" not in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_interpret_passes_compatible_llm_flags(monkeypatch):
+    """The flags the conflict checks let through reach the config as before."""
+    from crate.cli import main
+    from crate.eval.autointerp import interpret
+
+    seen = []
+
+    def fake_run(checkpoint, data, out, cfg, overwrite=False):
+        seen.append(cfg.llm_options)
+        raise KeyboardInterrupt  # stop before the summary
+
+    monkeypatch.setattr(interpret, "run_interpret", fake_run)
+    base = ["interpret", "-c", "x", "-d", "y", "-o", "z"]
+    for flags in ([], ["--api-key-env", "OPENAI_API_KEY"], ["--api-key-env", "MY_KEY"], ["--no-api-key"],
+                  ["--quantize", "4bit", "--simulator", "hf:some/model"], ["--quantize", "4bit", "--explainer", "smollm2"]):
+        assert main(base + flags) == 130
+    assert seen == [{}, {}, {"api_key_env": "MY_KEY"}, {"api_key_env": None, "require_key": False},
+                    {"quantize": "4bit"}, {"quantize": "4bit"}]
+
+
+def test_a_short_stream_says_how_many_tokens_it_records(tmp_path, capsys):
+    """--tokens beyond the split recorded fewer tokens than asked without a word."""
+    torch.manual_seed(0)
+    model = build_model("crate", "micro")
+    strings = [f"w{i}" for i in range(128)]
+    cfg = _cfg(n_tokens=100 * T, layers=[0], neurons=[0])
+    s = run_interpret(None, None, tmp_path / "short", cfg, model=model, stream=_stream(24 * T + 5), token_strings=strings)
+    out = capsys.readouterr().out
+    want = (f"tokens: 768 recorded of the 3,200 asked (--tokens): the token stream has only 773 tokens, recorded in "
+            f"whole sequences of {T} (--seq-len)")
+    assert out.count("tokens: ") == 1 and want in out, out
+    assert s["provenance"]["data"]["n_tokens"] == 768 and s["layers"]["0"]["measures"]["n_tokens"] == 768
+    # whole sequences only: a stream long enough, a count that is not a multiple of the sequence length
+    run_interpret(None, None, tmp_path / "cut", _cfg(n_tokens=20 * T + 7, layers=[0], neurons=[0]), model=model,
+                  stream=_stream(), token_strings=strings)
+    assert "tokens: 640 recorded of the 647 asked (--tokens): only whole sequences of 32 tokens are recorded" \
+        in capsys.readouterr().out
+    # the protocol's default budget, and a stream that holds what was asked: nothing said
+    run_interpret(None, None, tmp_path / "default", _cfg(n_tokens=None, layers=[0], neurons=[0]), model=model,
+                  stream=_stream(), token_strings=strings)
+    assert "tokens: 768 recorded of the 8,192,000 asked (the tar protocol's default; --tokens)" in capsys.readouterr().out
+    run_interpret(None, None, tmp_path / "enough", _cfg(layers=[0], neurons=[0]), model=model, stream=_stream(),
+                  token_strings=strings)
+    assert "tokens: " not in capsys.readouterr().out
+
+
+def test_a_short_split_is_said_once_for_every_model_compared(prepared, tmp_path, capsys, monkeypatch):
+    from crate.eval.autointerp import compare
+
+    class Planned(Exception):
+        pass
+
+    def executed(plan):
+        raise Planned  # every model is planned (and the tokens said) before the first is recorded: stop there
+
+    monkeypatch.setattr(compare, "execute_plan", executed)
+    data, ckpts = prepared
+    with pytest.raises(Planned):
+        run_compare({"crate": ckpts["crate"], "gpt": ckpts["gpt"]}, data, tmp_path,
+                    _cfg(n_tokens=400 * T, layers=[0], neurons=[0]), controls=True)
+    out = capsys.readouterr().out
+    assert out.count("tokens: ") == 1 and "of the 12,800 asked (--tokens): the val split has only 5,861 tokens" in out

@@ -343,3 +343,98 @@ def test_stopping_early_keeps_the_explanation_and_saves_tokens(tiny_hf):  # noqa
         generated[name] = ([expl.explain(records, seed=s) for s in range(12)], llm.tokens["generated"])
     assert generated["short"][0] == generated["full"][0]  # the same explanation for every seed
     assert generated["short"][1] < generated["full"][1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# progress: the rate, elapsed time and ETA, and plain lines in logs
+
+
+class _Clock:
+    """A fake time.perf_counter: a microsecond per reading, plus what `advance` adds (an LLM batch's seconds)."""
+
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        self.t += 1e-6
+        return self.t
+
+    def advance(self, seconds):
+        self.t += seconds
+
+
+class _SlowBatches(_Counting):
+    """Each batch of LLM calls takes `seconds` on the fake clock."""
+
+    def __init__(self, inner, clock, seconds):
+        super().__init__(inner)
+        self.clock, self.seconds = clock, seconds
+
+    def call_many(self, requests):
+        self.clock.advance(self.seconds)
+        return super().call_many(requests)
+
+
+def test_scoring_rate_counts_the_burst_from_the_start(micro, tmp_path, monkeypatch, capsys):
+    """Four SmolLM2 neurons, batched, complete together after 12 s of LLM calls: the bar said "4/4 660.9
+    neurons/s" (its clock started when the first of them was written)."""
+    import time
+
+    model, strings = micro
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    expl = _SlowBatches(StatsExplainer(), clock, 12.0)
+    run_interpret(None, None, tmp_path, _cfg(neurons=[0, 1, 2, 5], layers=[0], progress=True), model=model,
+                  stream=_stream(), token_strings=strings, explainer=expl, simulator=StatsSimulator())
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("scoring tar:")]
+    assert len(expl.calls) == 1 and len(expl.calls[0]) == 4  # one burst: the four explanations in one batch
+    assert lines == ["scoring tar: 0/4 neurons, elapsed 0:00:00, ETA -:--:--",
+                     "scoring tar: 1/4 neurons, 300 neurons/h, elapsed 0:00:12, ETA 0:00:36",
+                     "scoring tar: 4/4 neurons, 1,200 neurons/h, elapsed 0:00:12, ETA 0:00:00"]
+
+
+def test_progress_rate_and_eta_on_a_fake_clock(monkeypatch, capsys):
+    import time
+
+    from crate.eval.progress import Progress
+
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    p = Progress(True, interval=10.0)  # stdout is captured, not a terminal: plain lines
+    assert p.bar is None and p.plain
+    p.begin("scoring tar", 6, 10, "neurons")  # 6 of 10 reused from disk
+    clock.advance(12.0)
+    for done in (7, 8, 9):  # a burst of three
+        p.update("scoring tar", done, 10, "neurons", note="cache hits 0/12")
+    clock.advance(4.0)
+    p.update("scoring tar", 10, 10, "neurons")
+    assert capsys.readouterr().out.splitlines() == [
+        "scoring tar: 6/10 neurons, elapsed 0:00:00, ETA -:--:--",
+        # the first of the burst: 1 in 12 s, 3 left
+        "scoring tar: 7/10 neurons, 300 neurons/h, elapsed 0:00:12, ETA 0:00:36, cache hits 0/12",
+        # the rest of the burst within 10 s of that line: not printed; the end always is
+        "scoring tar: 10/10 neurons, 900 neurons/h, elapsed 0:00:16, ETA 0:00:00",
+    ]
+
+
+def test_progress_in_a_log_prints_a_line_every_interval(monkeypatch, capsys):
+    """Where stdout is not a terminal, rich cut the bar's columns to 80 characters ("0:00…"): plain lines instead,
+    whole, at most one per interval."""
+    import time
+
+    from crate.eval.progress import Progress
+
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    p = Progress(True, interval=10.0)
+    p.begin("recording pass 1/2", 0, 3_000_000, "tokens", at=clock.t - 2.0)  # the pass began 2 s before its report
+    for _ in range(30):
+        clock.advance(3.0)
+        p.update("recording pass 1/2", 100_000 * (_ + 1), 3_000_000, "tokens")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "recording pass 1/2: 0/3,000,000 tokens, elapsed 0:00:00, ETA -:--:--"
+    # 3 s a report: a line when 10 s have passed since the last one (the start counts from when the pass began)
+    assert lines[1] == "recording pass 1/2: 300,000/3,000,000 tokens, 27,272.7 tokens/s, elapsed 0:00:11, ETA 0:01:39"
+    assert lines[2].startswith("recording pass 1/2: 700,000/3,000,000 tokens, 30,434.8 tokens/s, elapsed 0:00:23")
+    assert lines[-1] == "recording pass 1/2: 3,000,000/3,000,000 tokens, 32,608.7 tokens/s, elapsed 0:01:32, ETA 0:00:00"
+    assert len(lines) == 9 and not any("…" in x for x in lines)  # the start, one per 12 s (4 reports), the end

@@ -294,6 +294,34 @@ def test_http_backend_missing_or_wrong_key(server, monkeypatch):
     assert "sk-wrong-456" not in str(e.value)
 
 
+class _HTMLHandler(JSONHandler):
+    """A web server (or a proxy's login page) where the API should be: HTTP 200 with HTML."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        data = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head>\n<body>Please sign in</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_http_backend_names_a_non_json_answer():
+    """An endpoint that answered an HTML page gave a JSONDecodeError traceback."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _HTMLHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    try:
+        with pytest.raises(BackendError) as e:
+            HTTPLLM(url, "m", require_key=False, backoff=0.01)
+    finally:
+        srv.shutdown()
+    msg = str(e.value)
+    assert f"{url}/completions answered HTTP 200" in msg and "not JSON" in msg and "text/html" in msg
+    assert "<!DOCTYPE html> <html><head><title>Sign in" in msg and "OpenAI-compatible API" in msg
+
+
 def test_cache_makes_a_repeated_run_free(server, tmp_path):
     llm = HTTPLLM(server, api_key_env="TEST_LLM_KEY", backoff=0.01)
     cached = CachedLLM(llm, tmp_path / "c.sqlite")

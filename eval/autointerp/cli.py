@@ -42,24 +42,36 @@ def _neurons(text: str | None) -> int | list[int] | None:
         raise CrateError(f"--neurons {text!r}: use all, sample:N, or indices and ranges such as 0-99,200") from None
 
 
+def _in_process(spec: str) -> bool:
+    """An LLM spec that loads a model in this process (what --quantize applies to)."""
+    return spec == "smollm2" or spec.startswith("hf:")
+
+
 def cmd_interpret(args: argparse.Namespace) -> int:
+    from crate.errors import CrateError
     from crate.eval.autointerp.compare import run_compare
     from crate.eval.autointerp.config import InterpretConfig
     from crate.eval.autointerp.interpret import run_interpret
     from crate.eval.autointerp.summary import summary_markdown
     from crate.eval.models import checkpoint_names
 
+    simulator = args.simulator or args.explainer
+    if args.quantize and not any(_in_process(spec) for spec in (args.explainer, simulator)):
+        raise CrateError(f"--quantize {args.quantize} loads an in-process LLM (smollm2, hf:...) in 4 bits, but "
+                         f"--explainer {args.explainer} and --simulator {simulator} load none: drop --quantize, or "
+                         f"give an hf: or smollm2 explainer or simulator")
+    api_key_env = "OPENAI_API_KEY" if args.api_key_env is None else args.api_key_env
     llm_options: dict[str, Any] = {}
     if args.quantize:
         llm_options["quantize"] = args.quantize
-    if args.api_key_env != "OPENAI_API_KEY" or args.no_api_key:
-        llm_options["api_key_env"] = None if args.no_api_key else args.api_key_env
+    if api_key_env != "OPENAI_API_KEY" or args.no_api_key:
+        llm_options["api_key_env"] = None if args.no_api_key else api_key_env
     if args.no_api_key:
         llm_options["require_key"] = False
     if args.requests_in_flight is not None:
         llm_options["concurrency"] = args.requests_in_flight
     cfg = InterpretConfig(
-        protocol=args.protocol, explainer=args.explainer, simulator=args.simulator or args.explainer,
+        protocol=args.protocol, explainer=args.explainer, simulator=simulator,
         layers=_layers(args.layers), neurons=_neurons(args.neurons), n_tokens=args.tokens, seq_len=args.seq_len,
         split=args.split, seed=args.seed, batch_size=args.batch_size, device=args.device,
         extra_scores=not args.no_extra_scores, llm_options=llm_options, cache=args.cache,
@@ -97,8 +109,10 @@ def add_interpret(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass while recording")
     p.add_argument("--device", type=device, default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--quantize", choices=["4bit"], default=None, help="load the hf: LLM in 4 bits (bitsandbytes)")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the HTTP key")
-    p.add_argument("--no-api-key", action="store_true", help="the HTTP endpoint needs no key")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key-env", default=None,
+                     help="environment variable holding the HTTP key (default OPENAI_API_KEY)")
+    key.add_argument("--no-api-key", action="store_true", help="the HTTP endpoint needs no key")
     p.add_argument("--schedule", choices=["batched", "neuron"], default="batched",
                    help="batched: LLM calls of many neurons share batches (default); neuron: one neuron at a time")
     p.add_argument("--neurons-in-flight", type=int, default=64,

@@ -32,8 +32,8 @@ def run_compare(checkpoints: dict[str, str | Path], data_dir: str | Path, out_di
         runs.update({f"{name}-control": (ckpt, InterpretConfig(**{**cfg.to_dict(), "control": True}))
                      for name, ckpt in checkpoints.items()})
     check_owned(out, (*OUTPUTS, *runs))
-    plans = {name: plan_interpret(ckpt, data_dir, out / name, c, overwrite=overwrite, name=name)
-             for name, (ckpt, c) in runs.items()}
+    plans = {name: plan_interpret(ckpt, data_dir, out / name, c, overwrite=overwrite, name=name, say_tokens=i == 0)
+             for i, (name, (ckpt, c)) in enumerate(runs.items())}  # the same tokens for all: said once
     tokens = {name: p.provenance["data"]["tokens_sha256"] for name, p in plans.items()}
     if len(set(tokens.values())) > 1:
         raise CrateError(f"the models would be recorded on different tokens ({tokens}): a paired comparison needs "

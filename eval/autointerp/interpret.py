@@ -105,7 +105,7 @@ from crate.eval.autointerp.protocols import Protocol, get_protocol
 from crate.eval.autointerp.records import get_records, load_token_strings, recording_spec
 from crate.eval.autointerp.schedule import check_schedule, score_layers
 from crate.eval.autointerp.scores_io import check_scores
-from crate.eval.autointerp.selection import excluded_count, select_neurons, tokens_used
+from crate.eval.autointerp.selection import excluded_count, select_neurons, tokens_note, tokens_used
 from crate.eval.autointerp.simulators import Simulator, make_simulator
 from crate.eval.autointerp.summary import summarise_layers, summary_markdown, write_json
 from crate.eval.models import checkpoint_fields, load_model, model_label, reset_weights
@@ -187,10 +187,10 @@ def plan_interpret(checkpoint: str | Path | None, data_dir: str | Path | None, o
                    config: InterpretConfig | None = None, *, model: Any = None, stream: np.ndarray | None = None,
                    token_strings: Sequence[str] | None = None, explainer: Explainer | None = None,
                    simulator: Simulator | None = None, overwrite: bool = False,
-                   name: str | None = None) -> InterpretPlan:
+                   name: str | None = None, say_tokens: bool = True) -> InterpretPlan:
     """Load and check every input (checkpoint, data and tokenizer, layers and neurons, explainer and simulator:
     names, keys, endpoints, files), compute the provenance, and refuse outputs of other inputs in `out_dir`;
-    nothing is recorded or written yet."""
+    nothing is recorded or written yet. `say_tokens`: say when the stream gives fewer tokens than asked for."""
     t_start = time.perf_counter()
     cfg = config or InterpretConfig()
     protocol = get_protocol(cfg.protocol)
@@ -201,6 +201,8 @@ def plan_interpret(checkpoint: str | Path | None, data_dir: str | Path | None, o
     layer_names, neurons = select_neurons(model, cfg)
     spec = recording_spec(cfg, protocol)
     n_used = tokens_used(model, stream, spec)
+    note = tokens_note(model, stream, spec, f"the {cfg.split} split" if manifest is not None else "the token stream",
+                       None if cfg.n_tokens else protocol.name)
     explainer, simulator = _roles(cfg, cfg.cache or str(out / "llm_cache.sqlite"), explainer, simulator)
 
     model_id = model_identity(model, cfg.control, cfg.seed)
@@ -226,6 +228,8 @@ def plan_interpret(checkpoint: str | Path | None, data_dir: str | Path | None, o
         "llm_options": {k: v for k, v in cfg.llm_options.items() if "key" not in k.lower() or k == "api_key_env"},
         "crate_version": __version__,
     })
+    if note and say_tokens:
+        say(note)
     return InterpretPlan(cfg, protocol, out, model, stream, token_strings, neurons, spec, explainer, simulator,
                          rec_id, score_id, provenance, discard, t_start)
 

@@ -4,7 +4,8 @@ directory, and the recordings themselves, reused from disk when their stamp matc
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,7 @@ def get_records(model: Any, stream: np.ndarray, token_strings: Sequence[str], re
         import shutil
 
         shutil.rmtree(records_dir)  # ours (its stamp, or a folder of ours without one): never a mix of two
-    cb = (lambda d, t, desc: progress.update(f"recording {desc}", d, t, "tokens")) if progress else None
-    recs = record_activations(model, stream, spec, layers, progress=cb)
+    recs = record_activations(model, stream, spec, layers, progress=_recording_progress(progress) if progress else None)
     first = next(iter(recs.values()))
     meta = {"n_tokens": first.n_tokens, "seq_len": first.seq_len, "window": first.window,
             "layers": {k: r.hook for k, r in recs.items()}, "format": "neuron_explainer NeuronRecord JSON + cache.npz"}
@@ -75,6 +75,20 @@ def get_records(model: Any, stream: np.ndarray, token_strings: Sequence[str], re
                   meta=json.loads(json.dumps(meta, default=str)))
     write_stamp(records_dir, "records", identity)
     return recs
+
+
+def _recording_progress(progress: Progress) -> Callable[[int, int, str], None]:
+    """The recorder's progress callback. A pass reports after each batch, so its clock starts where the previous
+    pass (or the recording) left off: its first batch counts in its rate."""
+    last = time.perf_counter()
+
+    def report(done: int, total: int, desc: str) -> None:
+        nonlocal last
+        progress.begin(f"recording {desc}", 0, total, "tokens", at=last)
+        progress.update(f"recording {desc}", done, total, "tokens")
+        last = time.perf_counter()
+
+    return report
 
 
 __all__ = ["recording_spec", "load_token_strings", "get_records"]

@@ -98,6 +98,9 @@ def score_layers(recs: dict[str, LayerRecording], plan: InterpretPlan, progress:
     reused = total - len(todo)
     files = {name: (scores_dir / f"{name}.jsonl").open("a", encoding="utf-8") for name in {n for n, _ in todo}}
     completed: dict[str, list[int]] = {name: [] for name in files}
+    desc = f"scoring {protocol.name}"
+    if todo:  # the clock starts before the first neuron: with batched LLM calls, neurons complete in bursts
+        progress.begin(desc, reused, total, "neurons")
     try:
         done_count = reused
         for (name, n), res in _score_todo(recs, plan, todo):
@@ -107,7 +110,7 @@ def score_layers(recs: dict[str, LayerRecording], plan: InterpretPlan, progress:
             files[name].flush()
             completed[name].append(n)
             done_count += 1
-            progress.update(f"scoring {protocol.name}", done_count, total, "neurons", note=cache_note(plan))
+            progress.update(desc, done_count, total, "neurons", note=cache_note(plan))
     finally:
         for f in files.values():
             f.close()

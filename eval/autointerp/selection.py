@@ -65,4 +65,19 @@ def tokens_used(model: Any, stream: np.ndarray, spec: RecordingSpec) -> int:
     return n
 
 
-__all__ = ["select_neurons", "excluded_count", "tokens_used"]
+def tokens_note(model: Any, stream: np.ndarray, spec: RecordingSpec, source: str, default_from: str | None) -> str:
+    """Why the recording reads fewer tokens than `spec.n_tokens` (a split shorter than that, or whole sequences
+    only), or "" when it reads them all. `source` names the stream ("the val split"); `default_from` the protocol
+    whose budget was asked for when --tokens was not given."""
+    T, n = recorded_tokens(len(stream), spec, model.config.block_size)
+    asked = spec.n_tokens
+    if asked is None or n >= asked:
+        return ""
+    what = f"the {default_from} protocol's default; --tokens" if default_from else "--tokens"
+    cap = ", capped at the model's block size" if T < spec.seq_len else ""
+    why = (f"{source} has only {len(stream):,} tokens, recorded in whole sequences of {T:,} (--seq-len{cap})"
+           if len(stream) < asked else f"only whole sequences of {T:,} tokens are recorded (--seq-len{cap})")
+    return f"tokens: {n:,} recorded of the {asked:,} asked ({what}): {why}"
+
+
+__all__ = ["select_neurons", "excluded_count", "tokens_used", "tokens_note"]

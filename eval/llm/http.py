@@ -65,7 +65,7 @@ class HTTPLLM:
                 # the raw JSON: validating hundreds of log-probability dicts per prompt into pydantic objects
                 # would cost more client CPU than the request itself
                 raw = self._client.completions.with_raw_response.create(model=self.model or openai.NOT_GIVEN, **payload)
-                return json.loads(raw.text)
+                return _completion_json(url, raw.status_code, raw.headers.get("content-type"), raw.text)
             except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
                 raise BackendError(f"{url} rejected the API key (HTTP {e.status_code}): check the key variable") from None
             except openai.APIStatusError as e:
@@ -155,6 +155,23 @@ class HTTPLLM:
                 for c in columns.get(tok.strip(), ()):
                     res[s, c] += math.exp(logp)
         return res
+
+
+def _completion_json(url: str, status: int, content_type: str | None, text: str) -> dict[str, Any]:
+    """The JSON object of a `completions` answer; any other body (an HTML page of a proxy, a login or a web
+    server, JSON that is not an object) fails at once, naming the URL, the status and the start of the body."""
+    try:
+        body = json.loads(text)
+        what = "JSON but not an object"
+    except ValueError:
+        body, what = None, "not JSON"
+    if isinstance(body, dict):
+        return body
+    start = " ".join(text.split())[:200] or "(empty)"
+    raise BackendError(
+        f"{url} answered HTTP {status} with a body that is {what} ({content_type or 'no content type'}): {start!r}. "
+        f"Check that the URL of the LLM spec is the base of an OpenAI-compatible API (e.g. http://host:8000/v1) "
+        f"and that the server there, not a proxy, login or other web page, answers it")
 
 
 __all__ = ["HTTPLLM"]
