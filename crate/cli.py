@@ -154,6 +154,8 @@ RESUME = {
     "train": "resume with `crate train --resume <run dir>`",
     "prepare": "run the same command again: it resumes from the last shard and gives identical shards",
     "interpret": "run the same command again: records and scored neurons are kept and reused",
+    "sae": "run the same command again: an interrupted SAE training saved nothing and starts over (SAELens's "
+           "trainer keeps no checkpoint to resume from); a finished SAE is reused",
     "demo": "run the same command again: finished steps are reused",
     "reproduce": "run the same command again: finished steps are reused",
     "study": "run the same command again: finished runs and scored neurons are reused",

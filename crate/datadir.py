@@ -1,7 +1,11 @@
-"""A prepared data directory (what `crate prepare` writes), as every layer reads it: its manifest and tokenizer."""
+"""A prepared data directory (what `crate prepare` writes), as every layer reads it: its manifest and tokenizer.
+
+The manifest names the tokenizer the shards were made with (its sha256), and every check of a model against the data
+reads that name; so reading the manifest also checks that the folder's tokenizer.json is that tokenizer."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,31 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise DataError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
+    _check_tokenizer_file(Path(data_dir), manifest)
     return manifest
+
+
+def _check_tokenizer_file(data_dir: Path, manifest: dict[str, Any]) -> None:
+    want = (manifest.get("tokenizer") or {}).get("sha256")
+    file = data_dir / TOKENIZER
+    if not want or not file.is_file():
+        return
+    stat = file.stat()
+    found = _tokenizer_sha256(str(file.resolve()), stat.st_mtime_ns, stat.st_size)
+    if found != want:
+        raise DataError(f"{file} (sha256 {found[:12]}) is not the tokenizer {MANIFEST} names (sha256 {want[:12]}): "
+                        f"the folder was changed after `crate prepare`; prepare it again with `crate prepare SOURCE "
+                        f"--out {data_dir} --overwrite` (same options as before)")
+
+
+@functools.lru_cache(maxsize=16)
+def _tokenizer_sha256(path: str, mtime_ns: int, size: int) -> str:
+    """The identity hash of a tokenizer file (crate.tokenizer.tokenizer_identity's), computed once per file version."""
+    from tokenizers import Tokenizer
+
+    from crate.tokenizer import tokenizer_identity
+
+    return tokenizer_identity(Tokenizer.from_file(path), "")["sha256"]
 
 
 def load_tokenizer(data_dir: str | Path) -> Any:

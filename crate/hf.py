@@ -240,9 +240,17 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def resolve_hub_id(name: str) -> Path:
-    """The local snapshot of hub model `name`: from the Hugging Face cache when HF_HUB_OFFLINE=1, else downloaded."""
+    """The local snapshot of hub model `name` (`owner/model`, or `hf:owner/model`): from the Hugging Face cache when
+    HF_HUB_OFFLINE=1, else downloaded. A bare name whose first part is a local folder (`runs/typo`) is a mistyped
+    local path, refused without asking the hub; `hf:` says a name is a hub id whatever the local folders are."""
+    explicit = name.startswith("hf:")
+    name = name[3:] if explicit else name
     if not HUB_ID.fullmatch(name) or Path(name).suffix in (".pt", ".ckpt", ".safetensors", ".bin"):
         raise FileNotFoundError(f"no checkpoint at {name}")
+    folder = Path(name).parts[0]
+    if not explicit and "/" in name and Path(folder).is_dir():
+        raise FileNotFoundError(f"no checkpoint at {name}: {folder}/ is a local folder without {name[len(folder) + 1:]!r} "
+                                f"(a mistyped path?); for the hub model of that name write hf:{name}")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 

@@ -143,10 +143,15 @@ def read_stamp(folder: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def write_stamp(folder: str | os.PathLike, stage: str, identity: Mapping[str, Any]) -> None:
-    """Record what produced `folder` (atomically, so a kill never leaves a stamp for half an output)."""
+    """Record what produced `folder` (atomically, so a kill never leaves a stamp for half an output), and on what:
+    the crate-lm version and the CPU instruction set torch ran with (its float rounding depends on it). Neither is
+    part of the key: an output made elsewhere is reused, and the stamp says where it came from."""
+    import torch
+
     from crate import __version__
 
-    stamp = {"stage": stage, "key": digest(identity), "identity": canonical(identity), "crate_version": __version__}
+    stamp = {"stage": stage, "key": digest(identity), "identity": canonical(identity), "crate_version": __version__,
+             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     write_bytes(Path(folder) / STAMP, (json.dumps(stamp, indent=1, sort_keys=True) + "\n").encode())
 
 

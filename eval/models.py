@@ -27,7 +27,8 @@ def split_sae_spec(spec: str | Path) -> tuple[str, list[str]]:
     saes = [p for p in rest.split(",") if p]
     expanded: list[str] = []
     for p in saes:  # a folder of SAE folders (one per layer) counts as all of them
-        sub = sorted(str(c.parent) for c in Path(p).glob("*/cfg.json"))
+        # hidden folders are an interrupted save's leftovers (.NAME.tmp-*, .NAME.old-*), never an SAE to attach
+        sub = sorted(str(c.parent) for c in Path(p).glob("*/cfg.json") if not c.parent.name.startswith("."))
         expanded += sub if sub and not (Path(p) / "cfg.json").exists() else [p]
     return base, expanded
 

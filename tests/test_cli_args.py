@@ -19,6 +19,22 @@ BAD = [
     (["eval", "--checkpoint", "x", "--data", "y", "--context", "ten"], "--context: must be an integer, got 'ten'"),
     (["eval", "--checkpoint", "x", "--device", "tpu"], "'tpu' is not a device here"),
     (["sae", "train", "-c", "x", "-d", "y", "--layer", "0", "--split", "test"], "--split: invalid choice: 'test'"),
+    # a zero was read as "not given" and ran the defaults; a negative count failed after preparing data
+    (["demo", "--steps", "0"], "--steps: must be an integer >= 1, got 0"),
+    (["demo", "--neurons", "0"], "--neurons: must be an integer >= 1, got 0"),
+    (["demo", "--tokens", "0"], "--tokens: must be an integer >= 1, got 0"),
+    (["demo", "--steps", "-5"], "--steps: must be an integer >= 1, got -5"),
+    (["study", "--seeds", "0"], "--seeds: must be an integer >= 1, got 0"),
+    (["study", "--llm-neurons", "-1"], "--llm-neurons: must be an integer >= 0, got -1"),
+    (["reproduce", "--size", "1L", "--sae-steps", "0"], "--sae-steps: must be an integer >= 1, got 0"),
+    # NaN and infinities printed tables of nan
+    (["steer", "-c", "x", "--layer", "0", "--neuron", "0", "--value", "nan", "--prompt", "1"],
+     "--value: must be a finite number, got nan"),
+    (["steer", "-c", "x", "--layer", "0", "--neuron", "0", "--value=-inf", "--prompt", "1"],
+     "--value: must be a finite number, got -inf"),
+    (["steer", "-c", "x", "--sweep", "--units", "0"], "--units: must be an integer >= 1, got 0"),
+    (["browse", "x", "--top", "-1"], "--top: must be an integer >= 0, got -1"),
+    (["report", "x", "--n-boot", "0"], "--n-boot: must be an integer >= 1, got 0"),
 ]
 
 
@@ -38,3 +54,26 @@ def test_cuda_without_a_gpu_says_so(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--checkpoint", "x", "--device", "cuda"])
     assert "--device: cuda: no CUDA device here" in capsys.readouterr().err
+
+
+def test_steering_multiples_must_be_finite(capsys, tmp_path):
+    code = main(["steer", "--sweep", "-c", "x", "--data", str(tmp_path), "--multiples", "0,nan,2",
+                 "--out", str(tmp_path / "o")])
+    assert code == 2 and "--multiples '0,nan,2': NaN and infinities" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_demo_of_the_defaults_is_the_demo_with_no_flags(monkeypatch, tmp_path):
+    """`demo --steps N` etc. with the default values gives the options of a bare `demo` (a value is not read as a
+    flag's absence, and the defaults are what the flags say)."""
+    from crate.eval.workflows import demo as demo_module
+
+    seen = []
+    monkeypatch.setattr(demo_module, "demo", lambda opts: seen.append(opts))
+    main(["demo", "--out", str(tmp_path)])
+    main(["demo", "--out", str(tmp_path), "--steps", str(demo_module.DEMO_STEPS),
+          "--neurons", str(demo_module.DEMO_NEURONS), "--tokens", "16384"])
+    bare, explicit = seen
+    assert explicit.n_tokens == bare.n_tokens == 16384
+    assert (explicit.steps, explicit.neurons) == (demo_module.DEMO_STEPS, demo_module.DEMO_NEURONS)
+    assert bare.steps is None and bare.neurons is None  # filled in by demo(): DEMO_STEPS, DEMO_NEURONS

@@ -395,3 +395,28 @@ def test_ctrl_c_in_a_real_crate_prepare(tmp_path: Path) -> None:
                           shard_tokens=2000)
     for split in ("train", "val"):
         assert np.array_equal(D.open_split(out, split), D.open_split(reference, split)), split
+
+
+def test_the_tokenizer_file_is_the_one_the_manifest_names(tmp_path: Path) -> None:
+    """A manifest edited to another tokenizer's hash (shards and tokenizer.json left as they were) passed every check
+    of a model against the data; so did a tokenizer.json swapped for another one. Both are refused where the manifest
+    is read, naming the file and the fix; an untouched folder reads as before."""
+    import shutil
+
+    from conftest import prepare_tiny
+
+    a, b = prepare_tiny(tmp_path, "a", vocab_size=300), prepare_tiny(tmp_path, "b", vocab_size=280)
+    assert datadir.read_manifest(a)["tokenizer"]["vocab_size"] == 300  # untouched: fine
+    edited = tmp_path / "edited"
+    shutil.copytree(a, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["tokenizer"] = datadir.read_manifest(b)["tokenizer"]  # claims b's tokenizer
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    swapped = tmp_path / "swapped"
+    shutil.copytree(a, swapped)
+    shutil.copy(b / "tokenizer.json", swapped / "tokenizer.json")
+    for folder in (edited, swapped):
+        with pytest.raises(DataError, match=r"tokenizer.json \(sha256 [0-9a-f]{12}\) is not the tokenizer manifest.json "
+                                            r"names .* --overwrite") as e:
+            datadir.read_manifest(folder)
+        assert str(folder) in str(e.value)

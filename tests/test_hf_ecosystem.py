@@ -292,6 +292,22 @@ def test_hub_id_resolves_through_the_offline_cache(tmp_path, monkeypatch):
         crate.load("crate-test/not-cached")
     assert "hf download crate-test/not-cached" in str(e.value)
 
+    # a local folder of the hub id's owner name: the bare name is a mistyped path (the hub is not asked), hf: is the hub
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "crate-test").mkdir()
+    asked = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, **kw: asked.append(name) or real(name, **kw))
+    with pytest.raises(FileNotFoundError, match=r"crate-test/ is a local folder without 'tiny-gpt2' \(a mistyped "
+                                                r"path\?\); for the hub model of that name write hf:crate-test/tiny-gpt2"):
+        crate.load("crate-test/tiny-gpt2")
+    assert asked == []
+    with torch.no_grad():
+        torch.testing.assert_close(crate.load("hf:crate-test/tiny-gpt2")(x), hf(x).logits, rtol=1e-5, atol=1e-5)
+    assert asked == ["crate-test/tiny-gpt2"]
+
 
 @pytest.mark.parametrize("cfg,match", [({"activation_function": "quick_gelu"}, "no exact counterpart"),
                                        ({"scale_attn_by_inverse_layer_idx": True}, "changes GPT-2's attention")])

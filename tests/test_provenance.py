@@ -325,3 +325,17 @@ def test_an_endpoint_without_prompt_logprobs_is_refused_before_recording(tmp_pat
     with pytest.raises(BackendError, match="prompt log-probabilities"):
         run_interpret(None, None, tmp_path / "o", cfg, model=model, stream=_stream(), token_strings=STRINGS)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_stamp_names_the_cpu_capability_outside_the_key(tmp_path):
+    """Floats depend on the instruction set torch runs with: every stamp records it, and an output made with
+    another one is still reused (the inputs are the same; the stamp says where it came from)."""
+    from crate.provenance import check_stamp, read_stamp, write_stamp
+
+    identity = {"stage": "x", "n": 1}
+    write_stamp(tmp_path, "x", identity)
+    stamp = read_stamp(tmp_path)
+    assert stamp["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and stamp["key"] == digest(identity)
+    stamp["cpu_capability"] = "NO AVX"
+    (tmp_path / ".provenance.json").write_text(json.dumps(stamp))
+    assert check_stamp(tmp_path, identity) == ("reuse", [])

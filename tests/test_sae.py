@@ -346,3 +346,117 @@ def test_cli_steer_of_a_latent_passes_the_zero_check(prepared, capsys):
                "--prompt", "1,2,3,4,5,6"])
     log = capsys.readouterr().out
     assert rc == 0 and "changes the logits by at most 0: OK" in " ".join(log.split())  # an inactive latent at 0
+
+
+def test_cli_metrics_refuses_an_sae_of_another_model_before_reading_data(prepared, tmp_path, monkeypatch, capsys):
+    data, ckpt, out, _ = prepared
+    torch.manual_seed(1)
+    other = tmp_path / "other"
+    crate.save(build_model("gpt", "micro", vocab_size=320, init_std=0.2), other)  # same shape, other weights
+    cmd = ["sae", "metrics", str(out), "-d", str(data), "--tokens", str(4 * T), "--seq-len", str(T)]
+    assert main([*cmd, "-c", str(ckpt)]) == 0  # its own model: measured
+    assert "explained variance" in capsys.readouterr().out
+
+    from crate.train import data as train_data
+
+    def no_data(*a, **k):
+        raise AssertionError("the data was read before the SAE was checked")
+
+    monkeypatch.setattr(train_data, "open_split", no_data)
+    assert main([*cmd, "-c", str(other)]) == 2  # another model's: refused, as `interpret` and `steer` refuse it
+    captured = capsys.readouterr()
+    assert "trained on another model's activations" in captured.err and "explained variance" not in captured.out
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--l1", "-1", "--l1: must be a number >= 0, got -1"),
+    ("--l1", "nan", "--l1: must be a finite number, got nan"),
+    ("--l1", "inf", "--l1: must be a finite number, got inf"),
+    ("--lr", "0", "--lr: must be a number > 0, got 0"),
+    ("--lr", "-0.001", "--lr: must be a number > 0, got -0.001"),
+    ("--layer", "-1", "--layer: must be an integer >= 0, got -1"),
+    ("--expansion", "0", "--expansion: must be an integer >= 1, got 0"),
+    ("-k", "0", "-k/--k: must be an integer >= 1, got 0"),
+    ("--steps", "0", "--steps: must be an integer >= 1, got 0"),
+    ("--batch-tokens", "-4", "--batch-tokens: must be an integer >= 1, got -4"),
+    ("--lm-batch", "0", "--lm-batch: must be an integer >= 1, got 0"),
+    ("--buffer-tokens", "0", "--buffer-tokens: must be an integer >= 1, got 0"),
+    ("--warmup-steps", "-1", "--warmup-steps: must be an integer >= 0, got -1"),
+    ("--dead-window", "0", "--dead-window: must be an integer >= 1, got 0"),
+    ("--eval-tokens", "0", "--eval-tokens: must be an integer >= 1, got 0"),
+    ("--resample-at", "10,x", "--resample-at: give steps separated by commas"),
+    ("--resample-at", "0,100", "--resample-at: steps count from 1"),
+])
+def test_cli_train_refuses_nonsense_numbers_when_parsing(option, value, message, capsys):
+    args = ["sae", "train", "-c", "no-checkpoint", "-d", "no-data", "--layer", "0", option, value]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sae_settings_out_of_range_are_refused_before_any_work(capsys):
+    with pytest.raises(CrateError, match="L1 coefficient -1.0 must be a number >= 0"):
+        SAETrainConfig(l1=-1.0).validate()
+    with pytest.raises(CrateError, match="learning rate nan"):
+        SAETrainConfig(lr=float("nan")).validate()
+    with pytest.raises(CrateError, match="resampling steps"):
+        SAETrainConfig(resample_at=(0, 10)).validate()
+    # a warm-up as long as the training (SAELens's cosine schedule would divide by zero at the end): refused before
+    # the checkpoint is read (it does not exist)
+    assert main(["sae", "train", "-c", "no-checkpoint", "-d", "no-data", "--layer", "0", "--steps", "10",
+                 "--warmup-steps", "10"]) == 2
+    assert "--warmup-steps 10 must be at least 0 and below the 10 steps" in capsys.readouterr().err
+
+
+def test_an_interrupted_training_saves_nothing_says_it_starts_over_and_a_rerun_trains_afresh(prepared, tmp_path,
+                                                                                             monkeypatch, capsys):
+    import os
+    import shutil
+
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    data, ckpt, trained, args = prepared
+    out = tmp_path / "sae" / "relu-l0"
+    out.parent.mkdir()
+    step = SAETrainer.step
+
+    def interrupted(self, batch):
+        if self.n_training_steps == 20:
+            raise KeyboardInterrupt
+        return step(self, batch)
+
+    with monkeypatch.context() as m:
+        m.setattr(SAETrainer, "step", interrupted)
+        assert main([*args, "-o", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted SAE training saved nothing and starts over" in err and "again to resume" not in err
+    assert not out.exists() and not any(out.parent.iterdir())  # no half-written SAE, no temporaries
+    assert main([*args, "-o", str(out)]) == 0  # the rerun trains from step 0: the uninterrupted run's SAE
+    assert (out / "sae_weights.safetensors").read_bytes() == (trained / "sae_weights.safetensors").read_bytes()
+
+    # an interrupt while an older SAE (other settings) is being replaced leaves one whole SAE, never half of one
+    before = sorted(p.name for p in out.iterdir())
+    rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *a, **k):
+        if os.path.exists(os.path.join(path, "sae_weights.safetensors")) and "tmp" not in os.path.basename(path):
+            os.remove(os.path.join(path, "sae_weights.safetensors"))
+            raise KeyboardInterrupt
+        return rmtree(path, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", interrupted_rmtree)
+        main([*args, "-o", str(out), "--seed", "1", "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert load_sae(out).cfg.d_sae == 256 and read_metrics(out)["training"]["config"]["seed"] == 1
+
+
+def test_a_folder_of_saes_leaves_out_an_interrupted_saves_leftovers(tmp_path):
+    """DIR+FOLDER attaches every SAE folder in FOLDER, but not the hidden .NAME.tmp-* / .NAME.old-* folders an
+    interrupted save leaves beside a finished SAE."""
+    for name in ("relu-l0", "relu-l1", ".relu-l1.old-123", ".relu-l0.tmp-9"):
+        (tmp_path / "saes" / name).mkdir(parents=True)
+        (tmp_path / "saes" / name / "cfg.json").write_text("{}")
+    base, saes = split_sae_spec(f"{tmp_path / 'ck'}+{tmp_path / 'saes'}")
+    assert base == str(tmp_path / "ck")
+    assert saes == [str(tmp_path / "saes" / "relu-l0"), str(tmp_path / "saes" / "relu-l1")]

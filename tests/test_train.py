@@ -379,3 +379,18 @@ def test_compiled_training_matches_eager(data_dir: Path, tmp_path: Path) -> None
     import crate
 
     crate.load(compiled["final"])  # the export of a compiled run loads as a plain model
+
+
+def test_crate_train_prints_the_run_not_lightnings_advertising(data_dir: Path, tmp_path: Path) -> None:
+    """`crate train` (a fresh process, warnings on as a user has them): no litlogger tip and no deprecation warning
+    of Lightning's own pytree use; the run's own lines and Lightning's device banner stay."""
+    cmd = [sys.executable, "-W", "default", "-m", "crate.cli", "train", "--out", str(tmp_path / "r"),
+           f"data.path={data_dir}", "data.source=null", "model.preset=micro", "model.block_size=32", "train.context=32",
+           "train.max_steps=2", "train.batch_size=4", "train.micro_batch_size=4", "train.val_every=0",
+           "train.val_batches=1", "train.final_val_batches=1", "system.wandb=off"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert "done: 2 steps" in text and "GPU available" in text
+    assert "litlogger" not in text and "treespec" not in text

@@ -420,4 +420,7 @@ def run_from_cli(config: str | None, overrides: list[str], out: str | None, resu
         run_config = r / "config.yaml" if r.is_dir() else r.parent.parent / "config.yaml"
         if run_config.is_file():
             config = str(run_config)
+    from crate.train.noise import quiet_lightning
+
+    quiet_lightning()
     return train(load_recipe(config, overrides), out=out, resume=resume)

@@ -59,8 +59,10 @@ def _numbers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def machine() -> str:
-    """The machine the study ran on, in words (cores, CPU model, Python, OS)."""
+    """The machine the study ran on, in words (cores, CPU model and the instruction set torch used, Python, OS)."""
     import os
+
+    import torch
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -70,7 +72,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}, {platform.system()}"
+    return (f"{os.cpu_count()} CPU cores ({cpu}; torch {torch.backends.cpu.get_cpu_capability()}), "
+            f"Python {platform.python_version()}, {platform.system()}")
 
 
 def write_study_report(out: Path, opts: Any, units: list[Any], timings: dict[str, Any],

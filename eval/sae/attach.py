@@ -142,9 +142,24 @@ class SAEModel(LanguageModel):
             yield
 
 
+def check_sae_fits(sae: Any, model: LanguageModel, path: str | Path, weights: str | None) -> int:
+    """The layer `sae` (read from `path`) reads in `model`; an SAE of another model is refused: one at a layer the
+    model lacks or of another width, or one trained on other weights (its cfg.json metadata records their hash;
+    `weights` is the model's `weights_hash`, None to skip that check)."""
+    layer = sae_layer(sae)
+    if not 0 <= layer < model.config.n_layer or sae.cfg.d_in != model.n_neurons:
+        raise SAEError(f"{path} reads layer {layer} with d_in={sae.cfg.d_in}; this {model.config.n_layer}-layer "
+                       f"model has {model.n_neurons} neurons per layer: it is another model's SAE")
+    trained_on = sae.cfg.metadata.get("crate_model_weights")
+    if weights and trained_on and trained_on != weights:
+        raise SAEError(f"{path} was trained on another model's activations (weights {trained_on[:12]}, this "
+                       f"checkpoint's {weights[:12]}): use it with the checkpoint it was trained on")
+    return layer
+
+
 def attach_saes(model: LanguageModel, paths: Sequence[str | Path], check_model: bool = True) -> SAEModel:
-    """`model` with the SAEs in `paths` (one per layer) attached; an SAE trained on another model's weights
-    (its cfg.json metadata records them) is refused."""
+    """`model` with the SAEs in `paths` (one per layer) attached; an SAE of another model is refused
+    (`check_sae_fits`)."""
     from crate.provenance import weights_hash
 
     device = str(next(model.parameters()).device)
@@ -153,16 +168,9 @@ def attach_saes(model: LanguageModel, paths: Sequence[str | Path], check_model: 
     ours = weights_hash(model) if check_model else None
     for p in paths:
         sae = load_sae(p, device=device)
-        layer = sae_layer(sae)
-        if layer in saes:
-            raise SAEError(f"two SAEs read layer {layer} ({p}): give one SAE per layer")
-        if not 0 <= layer < model.config.n_layer or sae.cfg.d_in != model.n_neurons:
-            raise SAEError(f"{p} reads layer {layer} with d_in={sae.cfg.d_in}; this {model.config.n_layer}-layer "
-                           f"model has {model.n_neurons} neurons per layer: it is another model's SAE")
-        trained_on = sae.cfg.metadata.get("crate_model_weights")
-        if ours and trained_on and trained_on != ours:
-            raise SAEError(f"{p} was trained on another model's activations (weights {trained_on[:12]}, this "
-                           f"checkpoint's {ours[:12]}): attach it to the checkpoint it was trained on")
+        if sae_layer(sae) in saes:
+            raise SAEError(f"two SAEs read layer {sae_layer(sae)} ({p}): give one SAE per layer")
+        layer = check_sae_fits(sae, model, p, ours)
         saes[layer] = sae
         dead[layer] = read_metrics(p).get("dead_latents", [])
     if not saes:
@@ -171,4 +179,4 @@ def attach_saes(model: LanguageModel, paths: Sequence[str | Path], check_model: 
 
 
 
-__all__ = ["load_sae", "sae_layer", "clamp_latent", "SAEProbe", "SAEModel", "attach_saes"]
+__all__ = ["load_sae", "sae_layer", "check_sae_fits", "clamp_latent", "SAEProbe", "SAEModel", "attach_saes"]

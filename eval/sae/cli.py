@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import argparse
 
-from crate.argtypes import device, nonnegative_int, positive_int
+from crate.argtypes import device, nonnegative_float, nonnegative_int, positive_float, positive_int
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    from crate.errors import CrateError
-
+def _steps(text: str) -> tuple[int, ...]:
+    """Steps separated by commas, each >= 1 (empty: none)."""
     try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
+        steps = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise CrateError(f"--resample-at {text!r}: give steps separated by commas, e.g. 10000,20000") from None
+        raise argparse.ArgumentTypeError(f"give steps separated by commas, e.g. 10000,20000; got {text!r}") from None
+    if any(s < 1 for s in steps):
+        raise argparse.ArgumentTypeError(f"steps count from 1, got {text!r}")
+    return steps
 
 
 def cmd_sae_train(args: argparse.Namespace) -> int:
@@ -24,7 +26,7 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
     cfg = SAETrainConfig(kind=args.kind, layer=args.layer, expansion=args.expansion, l1=args.l1, k=args.k, lr=args.lr,
                          steps=args.steps, batch_tokens=args.batch_tokens, lm_batch=args.lm_batch,
                          seq_len=args.seq_len, buffer_tokens=args.buffer_tokens, warmup_steps=args.warmup_steps,
-                         resample_at=_ints(args.resample_at), dead_window=args.dead_window,
+                         resample_at=args.resample_at, dead_window=args.dead_window,
                          eval_tokens=args.eval_tokens, seed=args.seed, device=args.device)
     out, metrics = train_from_files(args.checkpoint, args.data, args.out, cfg, split=args.split,
                                     overwrite=args.overwrite)
@@ -33,13 +35,15 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_metrics(args: argparse.Namespace) -> int:
-    from crate.eval.sae.attach import load_sae
+    from crate.eval.sae.attach import check_sae_fits, load_sae
     from crate.eval.sae.metrics import metrics_line, sae_metrics
+    from crate.provenance import weights_hash
     from crate.train.data import open_split
     from crate.loading import load_any
 
     model, _ = load_any(args.checkpoint)
     sae = load_sae(args.sae)
+    check_sae_fits(sae, model, args.sae, weights_hash(model))  # another model's SAE: refused, as when attached
     m = sae_metrics(model.eval(), sae, open_split(args.data, args.split), args.tokens, args.seq_len)
     print(f"SAE {args.sae} on {args.data} ({args.split}, {m['n_tokens']} tokens): {metrics_line(m)}")
     return 0
@@ -53,23 +57,23 @@ def add_sae(p: argparse.ArgumentParser) -> None:
                                  "cosine, dead-latent resampling at 10k/20k/50k/75k/100k.")
     t.add_argument("--checkpoint", "-c", required=True, help="the model whose neurons the SAE reads")
     t.add_argument("--data", "-d", required=True, help="a prepared data directory (crate prepare)")
-    t.add_argument("--layer", type=int, required=True, help="the layer whose neuron hook the SAE reads")
+    t.add_argument("--layer", type=nonnegative_int, required=True, help="the layer whose neuron hook the SAE reads")
     t.add_argument("--out", "-o", default=None, help="SAE folder (default: <run>/sae/<kind>-l<layer>)")
     t.add_argument("--kind", choices=["relu", "topk"], default="relu", help="relu (ReLU + L1, the paper's) | topk")
-    t.add_argument("--expansion", type=int, default=16, help="d_sae / d_in")
-    t.add_argument("--l1", type=float, default=8e-5, help="L1 coefficient (relu)")
-    t.add_argument("-k", "--k", type=int, default=32, help="latents kept per token (topk)")
-    t.add_argument("--lr", type=float, default=4e-4)
-    t.add_argument("--steps", type=int, default=120_000, help="SAE optimiser steps")
-    t.add_argument("--batch-tokens", type=int, default=4096, help="activations per SAE step")
-    t.add_argument("--lm-batch", type=int, default=4, help="sequences per model forward")
+    t.add_argument("--expansion", type=positive_int, default=16, help="d_sae / d_in")
+    t.add_argument("--l1", type=nonnegative_float, default=8e-5, help="L1 coefficient (relu)")
+    t.add_argument("-k", "--k", type=positive_int, default=32, help="latents kept per token (topk)")
+    t.add_argument("--lr", type=positive_float, default=4e-4)
+    t.add_argument("--steps", type=positive_int, default=120_000, help="SAE optimiser steps")
+    t.add_argument("--batch-tokens", type=positive_int, default=4096, help="activations per SAE step")
+    t.add_argument("--lm-batch", type=positive_int, default=4, help="sequences per model forward")
     t.add_argument("--seq-len", type=positive_int, default=1024)
-    t.add_argument("--buffer-tokens", type=int, default=2**19, help="shuffled activation buffer")
-    t.add_argument("--warmup-steps", type=int, default=None, help="LR warm-up (default 5%% of the steps)")
-    t.add_argument("--resample-at", default="10000,20000,50000,75000,100000",
+    t.add_argument("--buffer-tokens", type=positive_int, default=2**19, help="shuffled activation buffer")
+    t.add_argument("--warmup-steps", type=nonnegative_int, default=None, help="LR warm-up (default 5%% of the steps)")
+    t.add_argument("--resample-at", type=_steps, default="10000,20000,50000,75000,100000",
                    help="steps at which dead latents are resampled (empty: never)")
-    t.add_argument("--dead-window", type=int, default=1000, help="steps without firing that count as dead")
-    t.add_argument("--eval-tokens", type=int, default=2**20, help="validation tokens for the metrics")
+    t.add_argument("--dead-window", type=positive_int, default=1000, help="steps without firing that count as dead")
+    t.add_argument("--eval-tokens", type=positive_int, default=2**20, help="validation tokens for the metrics")
     t.add_argument("--split", default="train", choices=["train", "val"], help="split the SAE trains on (metrics use val)")
     t.add_argument("--seed", type=nonnegative_int, default=0)
     t.add_argument("--device", type=device, default=None, help="cuda / cpu (default: cuda when available)")

@@ -14,6 +14,7 @@ checkpoint and a data folder, reusing an SAE of identical inputs.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,9 +58,19 @@ class SAETrainConfig:
     def validate(self) -> None:
         if self.kind not in KINDS:
             raise SAEError(f"SAE kind {self.kind!r} is unknown: use one of {', '.join(KINDS)}")
-        for name in ("expansion", "steps", "batch_tokens", "lm_batch", "seq_len", "buffer_tokens", "k"):
+        for name in ("expansion", "steps", "batch_tokens", "lm_batch", "seq_len", "buffer_tokens", "k", "dead_window",
+                     "eval_tokens"):
             if getattr(self, name) < 1:
                 raise SAEError(f"SAE setting {name}={getattr(self, name)} must be at least 1")
+        if not (math.isfinite(self.l1) and self.l1 >= 0):
+            raise SAEError(f"the L1 coefficient {self.l1} must be a number >= 0 (a negative one rewards dense latents)")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SAEError(f"the learning rate {self.lr} must be a number > 0")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
+            raise SAEError(f"--warmup-steps {self.warmup_steps} must be at least 0 and below the {self.steps} steps: "
+                           f"lower it or raise --steps")
+        if any(s < 1 for s in self.resample_at):
+            raise SAEError(f"resampling steps {list(self.resample_at)} count from 1: drop those below")
         if self.buffer_tokens < self.batch_tokens:
             raise SAEError(f"the activation buffer ({self.buffer_tokens} tokens) is smaller than one SAE batch "
                            f"({self.batch_tokens}): raise --buffer-tokens or lower --batch-tokens")
@@ -174,13 +185,14 @@ def train_sae(model: LanguageModel, stream: np.ndarray, out: str | Path, cfg: SA
 
 def save_sae(sae: Any, out: str | Path, metrics: dict[str, Any], identity: dict[str, Any]) -> Path:
     """SAELens's `save_model` files, `sparsity.safetensors` (log10 firing frequency, SAELens's name), our
-    metrics.json and provenance stamp, written into a temporary folder renamed onto `out`."""
-    import os
+    metrics.json and provenance stamp, written into a temporary folder renamed onto `out` (an older `out` is moved
+    aside first and removed only afterwards: an interrupt leaves the old SAE or the new one, whole)."""
     import shutil
 
     from safetensors.torch import save_file
 
     from crate.atomic import honour_umask, temporary_dir
+    from crate.checkpoint import replace_dir
     from crate.provenance import write_stamp
 
     out = Path(out)
@@ -193,9 +205,7 @@ def save_sae(sae: Any, out: str | Path, metrics: dict[str, Any], identity: dict[
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
         write_stamp(tmp, "sae", identity)
         honour_umask(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from crate.argtypes import finite_float, nonnegative_int, positive_int
+
 
 def cmd_steer(args: argparse.Namespace) -> int:
     from crate.errors import CrateError
@@ -52,18 +54,18 @@ def add_steer(p: argparse.ArgumentParser) -> None:
                    help="our checkpoint directory or an authors' .pt file; with --sweep several NAME=DIR[+SAE]")
     p.add_argument("--layer", type=int)
     p.add_argument("--neuron", type=int)
-    p.add_argument("--value", type=float, help="the constant written into the neuron")
+    p.add_argument("--value", type=finite_float, help="the constant written into the neuron")
     p.add_argument("--prompt", help='token ids ("1,2,3,4,5") or text (needs a tokenizer: --data)')
     p.add_argument("--sweep", action="store_true", help="measure intended effect and collateral cost (needs --data)")
     p.add_argument("--out", default="steer-sweep", help="--sweep: output folder (default steer-sweep)")
-    p.add_argument("--units", type=int, default=16, help="--sweep: units sampled per layer")
+    p.add_argument("--units", type=positive_int, default=16, help="--sweep: units sampled per layer")
     p.add_argument("--multiples", default="0,1,2,4,8", help="--sweep: clamp values, x each unit's max activation")
-    p.add_argument("--sequences", type=int, default=16, help="--sweep: held-out sequences (half pick tokens)")
-    p.add_argument("--seq-len", type=int, default=128, help="--sweep: tokens per sequence")
-    p.add_argument("--top-tokens", type=int, default=5, help="--sweep: a unit's intended tokens")
+    p.add_argument("--sequences", type=positive_int, default=16, help="--sweep: held-out sequences (half pick tokens)")
+    p.add_argument("--seq-len", type=positive_int, default=128, help="--sweep: tokens per sequence")
+    p.add_argument("--top-tokens", type=positive_int, default=5, help="--sweep: a unit's intended tokens")
     p.add_argument("--split", default="val", help="--sweep: the data split")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--data", help="a prepared data directory whose tokenizer.json decodes tokens and encodes text")
-    p.add_argument("-k", type=int, default=10, help="top tokens shown")
+    p.add_argument("-k", type=positive_int, default=10, help="top tokens shown")
     p.add_argument("--no-zero-check", action="store_true", help="skip the check that 0 on an inactive unit changes nothing")
     p.set_defaults(func=cmd_steer)

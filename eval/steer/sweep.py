@@ -232,6 +232,8 @@ def parse_multiples(text: str) -> tuple[float, ...]:
         raise CrateError(f"--multiples {text!r}: give numbers separated by commas, e.g. 0,1,2,4,8") from None
     if not vals:
         raise CrateError("--multiples is empty: give e.g. 0,1,2,4,8")
+    if not all(math.isfinite(v) for v in vals):
+        raise CrateError(f"--multiples {text!r}: NaN and infinities clamp to nothing measurable; give finite numbers")
     return vals
 
 

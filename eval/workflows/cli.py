@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from crate.argtypes import nonnegative_int, positive_int
+
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from crate.eval.workflows.reproduce import ReproduceOptions, reproduce
@@ -33,7 +35,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     opts = DemoOptions(out=Path(args.out), steps=args.steps, neurons=args.neurons, llm=args.llm, seed=args.seed,
                        browser=not args.no_browser, controls=not args.no_controls, max_documents=args.documents,
                        overwrite=args.overwrite)
-    if args.tokens:
+    if args.tokens is not None:
         opts.n_tokens = args.tokens
     demo(opts)
     return 0
@@ -67,22 +69,22 @@ def _count_arg(text: str) -> str:
 def add_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="crate-study", help="output folder (default: crate-study)")
     p.add_argument("--sizes", default="1L,2L,3L", help="comma-separated presets (default: 1L,2L,3L)")
-    p.add_argument("--seeds", type=int, default=3, help="training seeds per size and arch (default 3)")
-    p.add_argument("--steps", type=int, default=200, help="training steps per run (default 200)")
+    p.add_argument("--seeds", type=positive_int, default=3, help="training seeds per size and arch (default 3)")
+    p.add_argument("--steps", type=positive_int, default=200, help="training steps per run (default 200)")
     p.add_argument("--protocols", default="tar", help="comma-separated: tar, random, short (default: tar)")
-    p.add_argument("--context", type=int, default=64, help="context length of training and records (default 64)")
+    p.add_argument("--context", type=positive_int, default=64, help="context length of training and records (default 64)")
     p.add_argument("--match", choices=["params", "width"], default="params",
                    help="params: CRATE's dictionary widened to GPT's parameter count (default); width: h = 4d for both")
     p.add_argument("--no-sae", action="store_true", help="leave out GPT-SAE")
     p.add_argument("--neurons", type=_count_arg, default="all", help="neurons scored per layer (default: all)")
     p.add_argument("--control-neurons", type=_count_arg, default="64",
                    help="random-init control neurons per layer (default 64; 0: no controls; all)")
-    p.add_argument("--llm-neurons", type=int, default=1,
+    p.add_argument("--llm-neurons", type=nonnegative_int, default=1,
                    help="neurons per layer through SmolLM2, first seed only (default 1; 0: none)")
-    p.add_argument("--tokens", type=int, default=16 * 1024, help="validation tokens recorded per model (default 16384)")
-    p.add_argument("--documents", type=int, default=None, help="use only the first N plays of the corpus (quick runs)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the neuron samples and random records (default 0)")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--tokens", type=positive_int, default=16 * 1024, help="validation tokens recorded per model (default 16384)")
+    p.add_argument("--documents", type=positive_int, default=None, help="use only the first N plays of the corpus (quick runs)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the neuron samples and random records (default 0)")
+    p.add_argument("--jobs", type=positive_int, default=None,
                    help="(seed, size) runs at once, in processes sharing the cores (default: 2 on 2 cores or more)")
     p.add_argument("--overwrite", action="store_true", help="discard outputs of other inputs (otherwise refused)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -102,12 +104,12 @@ def add_reproduce(p: argparse.ArgumentParser) -> None:
                    help="explainer backend: hf:<id|dir|gguf>, http://host/v1 (OpenAI-compatible), smollm2, stats")
     p.add_argument("--simulator", default="hf:meta-llama/Llama-2-7b-hf", help="simulator backend (same forms)")
     p.add_argument("--protocols", default="tar,random,short", help="comma-separated: tar, random, short")
-    p.add_argument("--neurons", type=int, default=None, help="neurons sampled per layer (default: all, as the paper)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, 600000)")
+    p.add_argument("--neurons", type=positive_int, default=None, help="neurons sampled per layer (default: all, as the paper)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the recipe's, 600000)")
     p.add_argument("--random-init", action="store_true", help="also score random-initialised controls")
-    p.add_argument("--sae-steps", type=int, default=None, help="GPT-SAE steps at 1L-3L (default 120000)")
+    p.add_argument("--sae-steps", type=positive_int, default=None, help="GPT-SAE steps at 1L-3L (default 120000)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="training override, e.g. train.batch_size=96")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--dry-run", action="store_true",
                    help="check the whole plan and print its steps and whether each is done; run nothing")
     p.add_argument("--overwrite", action="store_true", help="discard outputs of other inputs (otherwise refused)")
@@ -116,12 +118,12 @@ def add_reproduce(p: argparse.ArgumentParser) -> None:
 
 def add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="crate-demo", help="output folder (default: crate-demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the demo's)")
-    p.add_argument("--neurons", type=int, default=None, help="neurons sampled per layer (default: the demo's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps per model (default: the demo's)")
+    p.add_argument("--neurons", type=positive_int, default=None, help="neurons sampled per layer (default: the demo's)")
     p.add_argument("--llm", action="store_true", help="also explain and simulate with the embedded SmolLM2-135M")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokens", type=int, default=None, help="validation tokens recorded per model (default 16384)")
-    p.add_argument("--documents", type=int, default=None, help="use only the first N plays of the corpus (quick runs)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--tokens", type=positive_int, default=None, help="validation tokens recorded per model (default 16384)")
+    p.add_argument("--documents", type=positive_int, default=None, help="use only the first N plays of the corpus (quick runs)")
     p.add_argument("--no-controls", action="store_true", help="skip the random-init controls")
     p.add_argument("--no-browser", action="store_true", help="skip the neuron browser")
     p.add_argument("--overwrite", action="store_true",

@@ -52,8 +52,8 @@ def demo(opts: DemoOptions) -> dict[str, Path]:
     """Train tiny CRATE and GPT, interpret, report and browse; returns the paths written."""
     t0 = time.perf_counter()
     out = Path(opts.out)
-    steps = opts.steps or DEMO_STEPS
-    n_neurons = opts.neurons or DEMO_NEURONS
+    steps = DEMO_STEPS if opts.steps is None else opts.steps
+    n_neurons = DEMO_NEURONS if opts.neurons is None else opts.neurons
     _start(opts, out, steps, t0)
     data_dir, finals = _train(opts, out, steps, t0)
     _interpret(opts, out, data_dir, finals, n_neurons, t0)

@@ -37,15 +37,12 @@ def log(msg: str, t0: float | None = None) -> None:
 
 def quiet() -> None:
     """Lightning's start-up banners (GPU available, tips) and deprecation chatter would bury a workflow's log."""
-    import logging
     import warnings
 
-    import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import: import first, then lower them)
+    from crate.train.noise import quiet_lightning
 
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_utilities"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_lightning(banners=False)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*treespec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from crate.errors import CrateError, PipelineError
 from crate.eval.report.study_layout import interpret_dir, run_dir
+from crate.eval.workflows.lock import LOCK, folder_lock
 from crate.eval.workflows.steps import (
     ARCHS, CPU_SAE, interpret_model, log, matched_overrides, prepare_data, quiet, train_model, train_saes,
 )
@@ -40,7 +41,7 @@ from crate.tokenizer import padded_vocab
 STUDY_SIZES = ("1L", "2L", "3L")
 MATCHES = ("params", "width")
 STUDY_OUTPUTS = ("data", "runs", "interpret", "interpret-smollm2", "timings.json", "index.md", "study.json", "plots",
-                 "tables")
+                 "tables", LOCK)
 # Per run: 200 steps of 32 x 64 tokens (410k tokens, about 1/3 of the corpus) at the demo's rates.
 STUDY_TRAIN = {"batch_size": 32, "micro_batch_size": 32, "lr": 3e-3, "min_lr": 3e-4, "val_batches": 4,
                "final_val_batches": 8}
@@ -263,6 +264,17 @@ def run_unit(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float) -> None:
                             **{**common, "explainer": "smollm2", "simulator": "smollm2", "neurons": opts.llm_neurons})
 
 
+_WORKER_LOCK: list[Any] = []  # a worker's share of the study folder's lock, held until the worker exits
+
+
+def _worker_init(parent: int, out: str) -> None:
+    """A worker process holds the study's lock (a rerun waits for it too) and exits when the study process dies."""
+    from crate.eval.workflows.lock import join_lock, watch_parent
+
+    _WORKER_LOCK.append(join_lock(Path(out)))
+    watch_parent(parent)
+
+
 def _unit_worker(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float, threads: int) -> float:
     """One unit in a worker process (spawned: a fresh interpreter), with `threads` torch threads."""
     import torch
@@ -298,7 +310,8 @@ def _run_units(opts: StudyOptions, units: list[Unit], data_dir: Path, t0: float,
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                               initargs=(os.getpid(), str(opts.out)))
     futures: dict[Any, Unit] = {}
     try:
         # seed by seed, the deepest size first: the last unit to finish is then a short one (no idle core at the end)
@@ -332,11 +345,9 @@ def _run_units(opts: StudyOptions, units: list[Unit], data_dir: Path, t0: float,
 
 
 def study(opts: StudyOptions, command: str | None = None) -> Path:
-    """Run (or resume) the whole study and write its report; returns <out>/index.md."""
-    import torch
-
+    """Run (or resume) the whole study and write its report; returns <out>/index.md. One study runs in a folder at
+    a time (a lock that its workers hold too)."""
     from crate.provenance import check_owned
-    from crate.datadir import read_manifest
 
     t0 = time.perf_counter()
     out = Path(opts.out)
@@ -344,7 +355,15 @@ def study(opts: StudyOptions, command: str | None = None) -> Path:
     problems = preflight(opts)
     if problems:
         raise PipelineError("the study cannot run; nothing was done:\n  - " + "\n  - ".join(problems))
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "crate study"):
+        return _study(opts, out, command, t0)
+
+
+def _study(opts: StudyOptions, out: Path, command: str | None, t0: float) -> Path:
+    import torch
+
+    from crate.datadir import read_manifest
+
     quiet()
     log(f"crate study: sizes {', '.join(opts.sizes)} x {opts.seeds} training seeds x CRATE, GPT"
         f"{', GPT-SAE' if opts.sae else ''}; {opts.steps} steps each; protocols {', '.join(opts.protocols)}; "
