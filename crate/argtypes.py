@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 
 def positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+    return _at_least(_int(text), 1, text, "an integer >=")
 
 
 def nonnegative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
+    return _at_least(_int(text), 0, text, "an integer >=")
 
 
 def finite_float(text: str) -> float:
@@ -33,10 +28,7 @@ def finite_float(text: str) -> float:
 
 
 def nonnegative_float(text: str) -> float:
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
+    return _at_least(finite_float(text), 0, text, "a number >=")
 
 
 def positive_float(text: str) -> float:
@@ -70,3 +62,9 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _at_least(value: float, low: int, text: str, what: str) -> Any:
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {what} {low}, got {text}")
+    return value

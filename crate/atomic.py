@@ -89,3 +89,33 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_file(path) as f:
         f.write(data)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename `src` onto `dst`; an existing `dst` is moved aside first and removed only afterwards."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A new folder beside `path` to fill; on a clean exit its files get open()'s permissions (some writers, such as
+    safetensors, make 0600) and it replaces `path` whole (see replace_dir), on an error it is removed: a kill leaves
+    the old folder or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_dir(path)
+    try:
+        yield tmp
+        honour_umask(tmp)
+        fsync_dir(tmp)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -17,7 +17,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from crate.atomic import fsync_dir, honour_umask, temporary_dir
+from crate.atomic import atomic_dir
 from crate.config import ModelConfig
 from crate.errors import CheckpointError, ConfigError
 from crate.model import LanguageModel
@@ -51,19 +50,11 @@ def save(
     """Write `model` as a checkpoint directory at `path`, atomically (replacing any older one)."""
     path = Path(path)
     check_replaceable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_dir(path)  # mkdir()'s permissions under the umask, not mkdtemp's 0700
-    try:
+    with atomic_dir(path) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED}
         save_file(state, tmp / WEIGHTS, metadata={"format": FORMAT})
         info = {"format": FORMAT, "model": model.config.to_dict(), "tokenizer": tokenizer, "metadata": metadata or {}}
         (tmp / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
-        honour_umask(tmp)  # safetensors creates its file 0600
-        fsync_dir(tmp)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -88,18 +79,6 @@ def _written_by_us(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(info, dict) and (info.get("format") == FORMAT or OURS_KEY in info)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` onto `dst`; an existing `dst` is moved aside first and removed only afterwards."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    fsync_dir(dst.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_safetensors(file: Path) -> dict[str, Tensor]:

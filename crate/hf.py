@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crate.atomic import fsync_dir, honour_umask, temporary_dir
-from crate.checkpoint import OURS_KEY, replace_dir, check_replaceable
+from crate.atomic import atomic_dir
+from crate.checkpoint import OURS_KEY, check_replaceable
 from crate.config import ModelConfig
 from crate.errors import CheckpointError, ConfigError
 from crate.model import LanguageModel
@@ -117,21 +117,13 @@ def export_hf(model: LanguageModel, out_dir: str | os.PathLike, tokenizer: Any =
         ours["tokenizer"] = {k: v for k, v in tokenizer_identity.items() if k in ("name", "vocab_size", "sha256")}
     setattr(hf.config, OURS_KEY, ours)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         if model.config.arch == "crate":
             hf.config.auto_map = dict(AUTO_MAP)
             shutil.copyfile(MODELING_FILE, tmp / MODELING_FILE.name)
         hf.save_pretrained(tmp)
         if tokenizer is not None:
             hf_tokenizer(tokenizer, model.config.block_size).save_pretrained(tmp)
-        honour_umask(tmp)
-        fsync_dir(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -187,28 +187,18 @@ def save_sae(sae: Any, out: str | Path, metrics: dict[str, Any], identity: dict[
     """SAELens's `save_model` files, `sparsity.safetensors` (log10 firing frequency, SAELens's name), our
     metrics.json and provenance stamp, written into a temporary folder renamed onto `out` (an older `out` is moved
     aside first and removed only afterwards: an interrupt leaves the old SAE or the new one, whole)."""
-    import shutil
-
     from safetensors.torch import save_file
 
-    from crate.atomic import honour_umask, temporary_dir
-    from crate.checkpoint import replace_dir
+    from crate.atomic import atomic_dir
     from crate.provenance import write_stamp
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         sae.save_model(tmp)
         freq = torch.tensor(metrics.pop("_frequency"), dtype=torch.float32)
         save_file({"sparsity": torch.log10(freq + 1e-10)}, tmp / "sparsity.safetensors")
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
         write_stamp(tmp, "sae", identity)
-        honour_umask(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
