@@ -37,7 +37,6 @@ CONFIG = "config.json"
 OURS_KEY = "crate_lm"  # our fields in the config.json of a transformers export
 TIED = "lm_head.weight"
 COMPILE_PREFIX = "_orig_mod."
-NANOGPT_ARGS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias", "dropout")
 LAYER_KEY = re.compile(r"transformer\.h\.(\d+)\.")
 
 

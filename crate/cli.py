@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from crate.config import ACTIVATIONS
@@ -85,9 +88,8 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from crate.checkpoint import check_replaceable
-    from crate.loading import load
     from crate.hf import export_hf
-    from crate.loading import checkpoint_tokenizer
+    from crate.loading import checkpoint_tokenizer, load
 
     check_replaceable(Path(args.out))  # before reading the checkpoint
     model = load(args.checkpoint)
@@ -137,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from crate.errors import CrateError
 
     args = build_parser().parse_args(argv)
+    terminated: list[int] = []
+    previous = _stop_on_sigterm(terminated) if args.command != "train" else None  # train handles its own signals
     try:
         return int(args.func(args) or 0)
     except (CrateError, FileNotFoundError) as e:
@@ -145,15 +149,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         # every command keeps what it finished (shards, checkpoints, scored neurons) and resumes from it
-        print(f"\ncrate {args.command}: interrupted; {RESUME.get(args.command, 'run the same command again to resume')}",
+        how = "stopped by SIGTERM" if terminated else "interrupted"
+        print(f"\ncrate {args.command}: {how}; {RESUME.get(args.command, 'run the same command again to resume')}",
               file=sys.stderr)
-        return 130
+        return 128 + (terminated[0] if terminated else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm(terminated: list[int]) -> object | None:
+    """SIGTERM (a scheduler's or `kill`'s stop) unwinds like Ctrl-C, so a command keeps what it finished and says how
+    to resume, instead of dying silently; returns the handler it replaced (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    me = os.getpid()
+
+    def stop(signum: int, frame: object) -> None:
+        if os.getpid() != me:  # a forked worker (tokenizer pool, data loader) inherited this: die as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 RESUME = {
     "train": "resume with `crate train --resume <run dir>`",
     "prepare": "run the same command again: it resumes from the last shard and gives identical shards",
-    "interpret": "run the same command again: records and scored neurons are kept and reused",
+    "interpret": "run the same command again: records and scored neurons are kept and reused, and the LLM's answers "
+                 "are cached (llm_cache.sqlite), so the neurons that were in flight are finished from the cache",
     "sae": "run the same command again: an interrupted SAE training saved nothing and starts over (SAELens's "
            "trainer keeps no checkpoint to resume from); a finished SAE is reused",
     "demo": "run the same command again: finished steps are reused",

@@ -35,7 +35,7 @@ def _check_tokenizer_file(data_dir: Path, manifest: dict[str, Any]) -> None:
     if not want or not file.is_file():
         return
     stat = file.stat()
-    found = _tokenizer_sha256(str(file.resolve()), stat.st_mtime_ns, stat.st_size)
+    found = _tokenizer_sha256(str(file.resolve()), stat.st_mtime_ns, stat.st_size, want)
     if found != want:
         raise DataError(f"{file} (sha256 {found[:12]}) is not the tokenizer {MANIFEST} names (sha256 {want[:12]}): "
                         f"the folder was changed after `crate prepare`; prepare it again with `crate prepare SOURCE "
@@ -43,8 +43,16 @@ def _check_tokenizer_file(data_dir: Path, manifest: dict[str, Any]) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _tokenizer_sha256(path: str, mtime_ns: int, size: int) -> str:
-    """The identity hash of a tokenizer file (crate.tokenizer.tokenizer_identity's), computed once per file version."""
+def _tokenizer_sha256(path: str, mtime_ns: int, size: int, want: str) -> str:
+    """The identity hash of a tokenizer file (crate.tokenizer.tokenizer_identity's), once per file version.
+    `prepare` writes exactly the serialization that identity hashes, so the file's bytes give it without parsing
+    (and without depending on how the installed tokenizers version would serialize it); a file that is not those
+    bytes is parsed and serialized as identity does."""
+    import hashlib
+
+    raw = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if raw == want:
+        return raw
     from tokenizers import Tokenizer
 
     from crate.tokenizer import tokenizer_identity

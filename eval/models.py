@@ -2,6 +2,7 @@
 loading what it names:
 
     DIR | FILE | HUB_ID        a checkpoint: ours, an authors'/nanoGPT .pt, a Lightning .ckpt, a transformers model
+                               (hub id: owner/model, or hf:owner/model when owner is also a local folder)
     DIR+SAE[,SAE...]           the model with SAEs attached at its neuron hooks: their latents are the neurons (GPT-SAE);
                                a folder of SAE folders (one per layer) counts as all of them
     NAME=DIR[+SAE...]          the same, named (a bare one is named after its run: <run>/final -> <run>)
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from crate.errors import CrateError
-from crate.loading import load_any, read_info
 
 
 def split_sae_spec(spec: str | Path) -> tuple[str, list[str]]:
@@ -59,6 +59,8 @@ def load_model(checkpoint: str | Path, control: bool = False, seed: int = 0) -> 
     from crate.eval.sae.attach import attach_saes
 
     path, saes = split_sae_spec(checkpoint)  # "DIR+SAE[,SAE]": the SAEs' latents are the neurons (GPT-SAE)
+    from crate.loading import load_any
+
     model, tokenizer = load_any(path)
     if saes:
         model = attach_saes(model, saes)
@@ -117,6 +119,8 @@ def trained_size(checkpoint: str | Path) -> str | None:
     so that the report never has to find the checkpoint again."""
     path = Path(checkpoint)
     try:
+        from crate.loading import read_info  # torch: imported only when a checkpoint is read
+
         own = read_info(path).get("metadata") or {}
     except (CrateError, OSError, ValueError):  # a .pt / .ckpt file, or a folder that is not ours
         own = {}

@@ -228,3 +228,45 @@ def test_a_short_split_is_said_once_for_every_model_compared(prepared, tmp_path,
                     _cfg(n_tokens=400 * T, layers=[0], neurons=[0]), controls=True)
     out = capsys.readouterr().out
     assert out.count("tokens: ") == 1 and "of the 12,800 asked (--tokens): the val split has only 5,861 tokens" in out
+
+
+def test_sigterm_while_scoring_keeps_the_scored_neurons_and_says_how_to_resume(prepared, tmp_path, capsys,
+                                                                             monkeypatch):
+    """A SIGTERM (a scheduler's stop) in the middle of scoring: the neurons scored so far stay in the score file, the
+    command says it was stopped and how to resume (exit 143), and the rerun reuses them. Without a handler SIGTERM
+    ends the process silently (here: a stand-in handler that raises something else)."""
+    import os
+    import signal
+
+    from crate.cli import main
+    from crate.eval.progress import Progress
+
+    class Killed(Exception):
+        pass
+
+    def killed(signum, frame):
+        raise Killed
+
+    update = Progress.update
+
+    def terminate_after_three(self, desc, done, total, unit, note=""):
+        update(self, desc, done, total, unit, note)
+        if desc.startswith("scoring") and done == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    data, ckpts = prepared
+    args = ["interpret", "-c", str(ckpts["crate"]), "-d", str(data), "-o", str(tmp_path), "--seq-len", "32",
+            "--tokens", "640", "--neurons", "0-7", "--layers", "0"]
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(Progress, "update", terminate_after_three)
+            assert main(args) == 143
+        assert signal.getsignal(signal.SIGTERM) is killed  # main put back the handler it found
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "crate interpret: stopped by SIGTERM; run the same command again" in capsys.readouterr().err
+    lines = (tmp_path / "scores" / "tar" / "0.jsonl").read_text().splitlines()
+    assert [json.loads(line)["neuron"] for line in lines] == [0, 1, 2]
+    assert main(args) == 0
+    assert "3 of 8 neurons reused" in capsys.readouterr().out

@@ -35,7 +35,7 @@ if __name__ == "__main__":
         pool.submit(work)
         while not (out / "worker").exists():
             pids = [p.pid for p in pool._processes.values()]
-            if pids and len((out / ".lock").read_text().split()) == 2:  # the worker has joined the lock
+            if pids and (out / ".lock-workers").read_text().split():  # the worker has joined the lock
                 (out / "worker").write_text(str(pids[0]))
             time.sleep(0.1)
         time.sleep(120)

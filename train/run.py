@@ -299,9 +299,7 @@ def _inputs(cfg: RunConfig, show_progress: bool) -> _Inputs:
         raise ConfigError(f"train.context={context} exceeds model.block_size={model_cfg.block_size}")
     validate_data(data_dir, model_cfg.vocab_size, tokenizer_sha256=manifest["tokenizer"]["sha256"])
     tok = load_tokenizer(data_dir)
-    tok_id = tokenizer_identity(tok, manifest["tokenizer"]["name"])
-    if tok_id["sha256"] != manifest["tokenizer"]["sha256"]:
-        raise DataError(f"{data_dir}/tokenizer.json does not match the manifest's tokenizer hash: re-run `crate prepare`")
+    tok_id = tokenizer_identity(tok, manifest["tokenizer"]["name"])  # read_manifest checked it is the manifest's
     return _Inputs(data_dir, manifest, model_cfg, context, tok, tok_id)
 
 

@@ -20,8 +20,6 @@ from typing import Any
 from crate.errors import CrateError
 
 INSTALL = "pip install 'crate-lm[eval]' (lm-eval==0.4.13)"
-# lm-eval has the paper's LAMBADA and WikiText-2; PTB and OpenWebText (SPEC.md section 6c) are not among its tasks
-PAPER_TASKS = ("lambada_openai", "wikitext")
 
 
 class HarnessError(CrateError):

@@ -120,7 +120,8 @@ def sae_table(results: list[ModelResult], seed: int = 0, n_boot: int = N_BOOT) -
 def sae_metrics_table(paths: list[str | Path]) -> Table:
     """Every SAE folder (SAELens's cfg.json beside our metrics.json) under `paths`, with its metrics."""
     rows = []
-    folders = sorted({f.parent for p in paths for f in Path(p).rglob("metrics.json") if (f.parent / "cfg.json").is_file()})
+    folders = sorted({f.parent for p in paths for f in Path(p).rglob("metrics.json") if (f.parent / "cfg.json").is_file()
+                      and not f.parent.name.startswith(".")})  # not an interrupted save's leftovers (.NAME.tmp-*)
     for folder in folders:
         m = read_json(folder / "metrics.json")
         ce = m.get("ce_loss") or {}

@@ -148,9 +148,6 @@ def seed_compare(runs_a: Sequence[Mapping[str, Sequence[float]]], runs_b: Sequen
     return out
 
 
-VERDICTS = ("holds", "reversed", "not resolved")
-
-
 def verdict(lo: float, hi: float, direction: int) -> str:
     """A claim "a > b" (direction +1) or "a < b" (-1) read from a 95% interval of a - b: "holds" when the interval
     lies on the claimed side of 0, "reversed" when it lies on the other, else "not resolved" (at this noise)."""
@@ -161,6 +158,4 @@ def verdict(lo: float, hi: float, direction: int) -> str:
     return "not resolved"
 
 
-__all__ = ["seed_bootstrap", "seed_compare", "model_statistic", "t_interval", "welch_interval", "verdict",
-           "VERDICTS", "bootstrap_ci", "layer_summary", "model_aggregate", "aggregate_ci", "compare_models", "used_layers",
-           "sample_neurons"]
+__all__ = ["seed_bootstrap", "seed_compare", "model_statistic", "t_interval", "welch_interval", "verdict"]

@@ -1,7 +1,8 @@
 """One workflow run per output folder, workers included.
 
-A run and every worker process it starts hold a shared lock on `<out>/.lock`; a new run first takes it exclusively,
-so it refuses to start while the run, or any worker the run left behind, still writes there. Workers also watch their
+A run holds `<out>/.lock` exclusively for its whole life, and every worker process it starts holds a shared lock on
+`<out>/.lock-workers`; a new run needs both, so it refuses to start while the run, or any worker the run left behind,
+still writes there (two files: converting one lock from exclusive to shared is not atomic). Workers also watch their
 parent and exit when it is gone (a `kill -9` of the run), so none trains on unattended."""
 
 from __future__ import annotations
@@ -17,32 +18,29 @@ from typing import IO
 
 from crate.errors import PipelineError
 
-LOCK = ".lock"
+LOCK, WORKERS = ".lock", ".lock-workers"
 
 
 @contextmanager
 def folder_lock(out: Path, command: str) -> Iterator[None]:
     """Hold `out`'s lock for the run; refuse at once if a run or a worker of one holds it."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PipelineError(
-                f"{out} is in use by another `{command}` or by worker processes it left running (process ids that "
-                f"held it: {_holders(f)}): wait for it to finish, or stop those processes, then run this again"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        fcntl.flock(f, fcntl.LOCK_SH)  # shared from now on: the workers take it too
+    with open(out / LOCK, "a+") as run:
+        _take(run, out, command)
+        with open(out / WORKERS, "a+") as workers:
+            _take(workers, out, command)  # no worker of an earlier run is alive ...
+            workers.truncate(0)  # ... so the file's process ids start afresh
+            fcntl.flock(workers, fcntl.LOCK_UN)  # and this run's workers may join
+        run.seek(0)
+        run.truncate()
+        run.write(f"{os.getpid()}\n")
+        run.flush()
         yield
 
 
 def join_lock(out: Path) -> IO[str]:
     """A worker's share of the run's lock (kept until the worker exits); it records its process id in the file."""
-    f = open(out / LOCK, "a+")
+    f = open(out / WORKERS, "a+")
     fcntl.flock(f, fcntl.LOCK_SH)
     f.write(f"{os.getpid()}\n")
     f.flush()
@@ -62,7 +60,13 @@ def watch_parent(parent: int, interval: float = 1.0) -> threading.Thread:
     return thread
 
 
-def _holders(f: IO[str]) -> str:
-    f.seek(0)
-    pids = [p for p in f.read().split() if p.isdigit() and Path(f"/proc/{p}").exists()]
-    return ", ".join(pids) or "unknown"
+def _take(f: IO[str], out: Path, command: str) -> None:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pids = [p for p in f.read().split() if p.isdigit() and Path(f"/proc/{p}").exists()]
+        raise PipelineError(
+            f"{out} is in use by another `{command}` or by worker processes it left running (process ids that "
+            f"held it: {', '.join(pids) or 'unknown'}): wait for it to finish, or stop those processes, then run "
+            f"this again") from None

@@ -4,7 +4,7 @@ Each step's output carries its provenance (crate.provenance), so a rerun reuses 
 says so, and resumes what was interrupted; an output of other inputs is refused with the differences named
 (`--overwrite` discards it):
 
-    data        crate.train.data.prepare(source, <out>/data/...)          reused when manifest.json has the same arguments
+    data        crate.train.prepare.prepare(source, <out>/data/...)       reused when manifest.json has the same arguments
     train       crate.train.run.train(recipe, <out>/runs/<arch>-<size>)    reused when .provenance.json has the same
                                                                            recipe and data, resumed when unfinished
     interpret   crate.eval.autointerp.interpret.run_interpret(<run>/final, ...)       records and scores reused by their stamps
@@ -71,7 +71,7 @@ def matched_overrides(preset: str, vocab_size: int, block_size: int, multiple: i
 def prepare_data(source: str, out: Path, tokenizer: str, vocab_size: int, t0: float, max_documents: int | None = None,
                  overwrite: bool = False) -> Path:
     """`crate prepare` into `out`: a folder prepared with the same inputs is reused, one of other inputs refused
-    (crate.train.data.prepare compares the arguments its manifest records)."""
+    (crate.train.prepare.prepare compares the arguments its manifest records)."""
     from crate.datadir import MANIFEST
     from crate.train.prepare import prepare
 

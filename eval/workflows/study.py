@@ -32,7 +32,7 @@ from typing import Any
 
 from crate.errors import CrateError, PipelineError
 from crate.eval.report.study_layout import interpret_dir, run_dir
-from crate.eval.workflows.lock import LOCK, folder_lock
+from crate.eval.workflows.lock import LOCK, WORKERS, folder_lock
 from crate.eval.workflows.steps import (
     ARCHS, CPU_SAE, interpret_model, log, matched_overrides, prepare_data, quiet, train_model, train_saes,
 )
@@ -41,7 +41,7 @@ from crate.tokenizer import padded_vocab
 STUDY_SIZES = ("1L", "2L", "3L")
 MATCHES = ("params", "width")
 STUDY_OUTPUTS = ("data", "runs", "interpret", "interpret-smollm2", "timings.json", "index.md", "study.json", "plots",
-                 "tables", LOCK)
+                 "tables", LOCK, WORKERS)
 # Per run: 200 steps of 32 x 64 tokens (410k tokens, about 1/3 of the corpus) at the demo's rates.
 STUDY_TRAIN = {"batch_size": 32, "micro_batch_size": 32, "lr": 3e-3, "min_lr": 3e-4, "val_batches": 4,
                "final_val_batches": 8}
@@ -268,7 +268,8 @@ _WORKER_LOCK: list[Any] = []  # a worker's share of the study folder's lock, hel
 
 
 def _worker_init(parent: int, out: str) -> None:
-    """A worker process holds the study's lock (a rerun waits for it too) and exits when the study process dies."""
+    """A worker process holds its share of the study's lock (a rerun is refused while it lives) and exits when the
+    study process dies."""
     from crate.eval.workflows.lock import join_lock, watch_parent
 
     _WORKER_LOCK.append(join_lock(Path(out)))
