@@ -160,21 +160,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _stop_on_sigterm(terminated: list[int]) -> object | None:
     """SIGTERM (a scheduler's or `kill`'s stop) unwinds like Ctrl-C, so a command keeps what it finished and says how
-    to resume, instead of dying silently; returns the handler it replaced (None off the main thread)."""
+    to resume, instead of dying silently; returns the handler it replaced (None off the main thread).
+
+    A forked child (lm-eval's bootstrap pool, a tokenizer pool, a data loader) gets the replaced handler back the
+    moment it is forked: a Python handler only runs between bytecodes, so a child that deadlocks in C after the fork
+    (a lock another thread held) would ignore `Pool.terminate()`'s SIGTERM and hang its parent forever."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
-    me = os.getpid()
-
     def stop(signum: int, frame: object) -> None:
-        if os.getpid() != me:  # a forked worker (tokenizer pool, data loader) inherited this: die as by default
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         terminated.append(signum)
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, stop)
+    _OURS.update(handler=stop, previous=previous)
+    return previous
+
+
+_OURS: dict[str, object] = {}  # our SIGTERM handler and the one it replaced, for the fork hook below
+
+
+def _restore_sigterm_after_fork() -> None:
+    if _OURS and signal.getsignal(signal.SIGTERM) is _OURS["handler"]:
+        signal.signal(signal.SIGTERM, _OURS["previous"] or signal.SIG_DFL)  # None: a handler set outside Python
+
+
+os.register_at_fork(after_in_child=_restore_sigterm_after_fork)
 
 
 RESUME = {
