@@ -173,8 +173,13 @@ def test_cli_interpret_passes_compatible_llm_flags(monkeypatch):
 
     seen = []
 
-    def fake_run(checkpoint, data, out, cfg, overwrite=False):
+    from crate.eval.validity.run import validate
+
+    seen, validates = [], []
+
+    def fake_run(checkpoint, data, out, cfg, overwrite=False, validate=None):
         seen.append(cfg.llm_options)
+        validates.append(validate)
         raise KeyboardInterrupt  # stop before the summary
 
     monkeypatch.setattr(interpret, "run_interpret", fake_run)
@@ -184,6 +189,7 @@ def test_cli_interpret_passes_compatible_llm_flags(monkeypatch):
         assert main(base + flags) == 130
     assert seen == [{}, {}, {"api_key_env": "MY_KEY"}, {"api_key_env": None, "require_key": False},
                     {"quantize": "4bit"}, {"quantize": "4bit"}]
+    assert validates == [None] * 6 and main(base + ["--validity"]) == 130 and validates[-1] is validate
 
 
 def test_a_short_stream_says_how_many_tokens_it_records(tmp_path, capsys):
@@ -218,7 +224,7 @@ def test_a_short_split_is_said_once_for_every_model_compared(prepared, tmp_path,
     class Planned(Exception):
         pass
 
-    def executed(plan):
+    def executed(plan, validate=None):
         raise Planned  # every model is planned (and the tokens said) before the first is recorded: stop there
 
     monkeypatch.setattr(compare, "execute_plan", executed)

@@ -125,6 +125,9 @@ def test_demo_end_to_end_and_resume(tmp_path: Path, capsys) -> None:
     assert float(sae_row["GPT-SAE"]) == pytest.approx(mean_of_layer_means(model_scores(out / "interpret" / "gpt-sae")), abs=1e-6)
     assert (out / "steer-sweep" / "steer_sweep.json").is_file() and "## Steering, measured" in (out / "index.md").read_text()
     assert list((out / "browser" / "data" / "crate").glob("*/*.js"))  # neuron pages' data
+    index = (out / "index.md").read_text()
+    assert index.index("## Is the scorer valid?") < index.index("## Interpretability scores")
+    assert index.count("| indicator-1 |") == 3 and "Verdicts:" in index  # crate, gpt, gpt-sae were validated
 
     # steering the demo's CRATE with a text prompt: the tokenizer comes from the checkpoint
     rc = main(["steer", "--checkpoint", str(out / "runs" / "crate-tiny" / "final"), "--layer", "1", "--neuron", "3",
@@ -137,5 +140,6 @@ def test_demo_end_to_end_and_resume(tmp_path: Path, capsys) -> None:
     again = capsys.readouterr().out
     assert "data: " in again and "reused (prepared with the same arguments)" in again
     assert again.count("reused (same recipe and data)") == 2 and "30 steps into" not in again
-    assert again.count("0 scored") == 6 and "recording again" not in again
+    # six systems (three trained, three controls) and the planted units of each trained one
+    assert again.count("0 scored") == 9 and "recording again" not in again
     assert again.count("reused (same model, data and settings)") == 2  # the two SAEs

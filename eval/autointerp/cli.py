@@ -78,13 +78,19 @@ def cmd_interpret(args: argparse.Namespace) -> int:
         control=args.control, exclude_last={"auto": "auto", "yes": True, "no": False}[args.exclude_last],
         write_json=not args.no_json, progress=True, schedule=args.schedule, neurons_in_flight=args.neurons_in_flight,
     )
+    validate = None
+    if args.validity:
+        from crate.eval.validity.run import validate
     if len(args.checkpoint) == 1 and not args.controls and "=" not in args.checkpoint[0]:
-        summary = run_interpret(args.checkpoint[0], args.data, args.out, cfg, overwrite=args.overwrite)
+        summary = run_interpret(args.checkpoint[0], args.data, args.out, cfg, overwrite=args.overwrite,
+                                validate=validate)
         print(summary_markdown({summary["provenance"]["model"]["name"]: summary}))
     else:
-        summary = run_compare(checkpoint_names(args.checkpoint), args.data, args.out, cfg, controls=args.controls, overwrite=args.overwrite)
+        summary = run_compare(checkpoint_names(args.checkpoint), args.data, args.out, cfg, controls=args.controls,
+                              overwrite=args.overwrite, validate=validate)
         print(summary_markdown(summary["models"], summary["comparison"]))
-    print(f"wrote {args.out}/ (records, scores/{cfg.protocol}/, summary.json, summary.md, provenance.json)")
+    written = f"records, scores/{cfg.protocol}/, summary.json, summary.md, provenance.json"
+    print(f"wrote {args.out}/ ({written}{', validity/ (validity.md: is the scorer valid here?)' if validate else ''})")
     return 0
 
 
@@ -128,6 +134,10 @@ def add_interpret(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude-last", choices=["auto", "yes", "no"], default="auto",
                    help="drop the last layer from the model aggregate (auto: for 6 and 12 layers, as the paper)")
     p.add_argument("--no-extra-scores", action="store_true", help="skip detection and fuzzing scores")
+    p.add_argument("--validity", action="store_true",
+                   help="check the scorer here: planted units of known behaviour through the same explainer and "
+                        "simulator, ceilings and floors, NeuronEval's sanity checks, who each mean counts; flags "
+                        "verdicts it cannot support (<out>/validity/)")
     p.add_argument("--no-json", action="store_true", help="write only the binary record cache, no per-neuron JSON")
     p.add_argument("--overwrite", action="store_true",
                    help="discard scores in --out that other inputs produced (otherwise such a rerun is refused)")

@@ -2,8 +2,10 @@
 <out>/<name>/ (the layout of crate.eval.autointerp.interpret), and their paired comparison:
 
 <out>/summary.json is {"models": {<name>: {"layers", "aggregate", "protocol"}}, "comparison": {"<a> - <b>":
-{"difference", "ci95", "paired", "relative", "layers_a", "layers_b", "exclude_last"}}, "controls": {<name>:
-{"aggregate", "layers"}}, "provenance": {<name>: ...}}; <out>/provenance.json and <out>/summary.md beside it.
+{"difference", "ci95", "paired", "relative", "layers_a", "layers_b", "exclude_last", "flags": [{"flag", "reason"}]
+(crate.eval.validity.flags), "density_reweighted" (validated models: the difference at one activation-density mix,
+crate.eval.validity.estimands.density_reweighted)}}, "controls": {<name>: {"aggregate", "layers"}}, "provenance":
+{<name>: ...}}; <out>/provenance.json and <out>/summary.md beside it.
 """
 
 from __future__ import annotations
@@ -13,18 +15,30 @@ from typing import Any
 
 from crate.errors import CrateError
 from crate.eval.autointerp.config import InterpretConfig
-from crate.eval.autointerp.interpret import OUTPUTS, execute_plan, plan_interpret
+from crate.eval.autointerp.interpret import OUTPUTS, Validate, execute_plan, plan_interpret
 from crate.eval.autointerp.summary import summary_markdown, write_json
 from crate.eval.stats.neurons import compare_models
+from crate.eval.validity.estimands import density_reweighted
+from crate.eval.validity.flags import comparison_flags
 from crate.provenance import canonical, check_owned
+
+
+def _density_mix(summary: dict[str, Any]) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    """(activation density, score) of every scored unit of a validated model, keyed by (layer, neuron)."""
+    layers = summary["validity"]["layers"]
+    freq = {(k, n): f for k, v in layers.items() for n, f in v["density"].items()}
+    scores = {(k, n): s for k, v in summary["scores"].items() for n, s in v.items() if (k, n) in freq}
+    return freq, scores
 
 
 def run_compare(checkpoints: dict[str, str | Path], data_dir: str | Path, out_dir: str | Path,
                 config: InterpretConfig | None = None, controls: bool = False,
-                overwrite: bool = False) -> dict[str, Any]:
+                overwrite: bool = False, validate: Validate | None = None) -> dict[str, Any]:
     """Interpret several models (e.g. {"crate": ..., "gpt": ...}) into <out>/<name>/, optionally with
     random-init controls (<out>/<name>-control/), and write the paired comparison to <out>/summary.json.
-    Every model is planned (and so checked) before the first one is recorded; all must read the same tokens."""
+    Every model is planned (and so checked) before the first one is recorded; all must read the same tokens.
+    `validate` (crate.eval.validity.run.validate) checks the scorer on every trained model (not the controls), and
+    each comparison of two validated models gets the flags of crate.eval.validity.flags."""
     cfg = config or InterpretConfig()
     out = Path(out_dir)
     runs = {name: (ckpt, cfg) for name, ckpt in checkpoints.items()}
@@ -38,7 +52,7 @@ def run_compare(checkpoints: dict[str, str | Path], data_dir: str | Path, out_di
     if len(set(tokens.values())) > 1:
         raise CrateError(f"the models would be recorded on different tokens ({tokens}): a paired comparison needs "
                          f"one data directory and one --tokens / --seq-len for all")
-    results = {name: execute_plan(plan) for name, plan in plans.items()}
+    results = {name: execute_plan(plan, None if name.endswith("-control") else validate) for name, plan in plans.items()}
     comparison = {}
     names = [n for n in results if not n.endswith("-control")] + [n for n in results if n.endswith("-control")]
     for i, a in enumerate(names):
@@ -48,6 +62,11 @@ def run_compare(checkpoints: dict[str, str | Path], data_dir: str | Path, out_di
             comparison[f"{a} - {b}"] = compare_models(
                 scores(sa), scores(sb), sa["aggregate"]["n_layer"], sb["aggregate"]["n_layer"], cfg.exclude_last,
                 n_boot=cfg.n_boot, seed=cfg.seed)
+            comparison[f"{a} - {b}"]["flags"] = comparison_flags(
+                sa.get("validity"), sb.get("validity"), comparison[f"{a} - {b}"]["difference"], (a, b))
+            if sa.get("validity") and sb.get("validity"):
+                comparison[f"{a} - {b}"]["density_reweighted"] = density_reweighted(
+                    _density_mix(sa), _density_mix(sb), n_boot=cfg.n_boot, seed=cfg.seed)
     summary = {"models": {k: {kk: v[kk] for kk in ("layers", "aggregate", "protocol")} for k, v in results.items()},
                "comparison": comparison, "provenance": {k: v["provenance"] for k, v in results.items()},
                "controls": {k[: -len("-control")]: {"aggregate": v["aggregate"], "layers": v["layers"]}

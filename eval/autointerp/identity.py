@@ -19,7 +19,8 @@ from crate.eval.record.recorder import RecordingSpec
 
 
 # 2: a constant prediction of a varying neuron scores 0 (was NaN); fuzzing's wrong marks only on inactive tokens
-RESULTS_VERSION = 2
+# 3: the lines gain auprc and random_score (with their notes), the scores that pass NeuronEval's sanity checks
+RESULTS_VERSION = 3
 
 
 def model_identity(model: Any, control: bool, seed: int) -> dict[str, Any]:
@@ -32,7 +33,8 @@ def model_identity(model: Any, control: bool, seed: int) -> dict[str, Any]:
     return {"arch": model.config.arch, "config": config, "n_params": int(model.num_params()),
             "weights_fingerprint": weights_hash(model), "control_random_init": control,
             "control_seed": seed if control else None,
-            **({"sae": model.sae_identity} if hasattr(model, "sae_identity") else {})}
+            **({"sae": model.sae_identity} if hasattr(model, "sae_identity") else {}),
+            **({"planted": model.planted_identity} if hasattr(model, "planted_identity") else {})}
 
 
 def data_identity(stream: np.ndarray, n_used: int, token_strings: Sequence[str], split: str,

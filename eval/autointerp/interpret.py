@@ -58,7 +58,14 @@ Output layout (everything is plain JSON / JSONL / NPZ)
                                              record, same order), record_ids ("top:1", "random:0", "quantile:3:2",
                                              "top3:25" = top #25 cut to 3 tokens), max_activation, score (= pooled
                                              Pearson correlation, NaN with `score_note` when undefined), score_x100,
-                                             rsquared, absolute_dev_explained, detection, fuzzing (balanced accuracy,
+                                             rsquared, absolute_dev_explained, auprc (average precision of
+                                             expected_activations ranked against the unit being active, normalised
+                                             activation >= 1; NaN with auprc_note when no scoring token is active),
+                                             auprc_chance (the active share of the scoring tokens: AUPRC's chance
+                                             level), auprc_lift ((auprc - chance) / (1 - chance): 0 at chance),
+                                             random_score (the pooled correlation over the random:* records only; NaN
+                                             with random_score_note, "never sampled" when the unit is zero on all of
+                                             them), detection, fuzzing (balanced accuracy,
                                              null when not run), provenance (dict, the same in every line)
     <out>/summary.json                       {"protocol", "layers": {<layer>: {"mean", "ci95": [lo, hi] (bootstrap over
                                              neurons), "ci95_fpc" (finite-population corrected when neurons are a
@@ -75,6 +82,8 @@ Output layout (everything is plain JSON / JSONL / NPZ)
                                              (scores are correlations, NOT x100; NaN is written as null)
     <out>/summary.md                         the same as a Markdown table (x100)
     <out>/llm_cache.sqlite                   disk cache of every LLM call (key: model identity, prompt, parameters)
+    <out>/validity/                          with a `validate` (crate interpret --validity): the scorer's checks on
+                                             this run, crate.eval.validity.run's layout
 
 Several models (crate.eval.autointerp.compare.run_compare, or `crate interpret -c crate=DIR gpt=DIR [--controls]`):
 each model gets <out>/<name>/ with the layout above (random-init controls: <out>/<name>-control/), and
@@ -88,7 +97,7 @@ are named as the neurons' and their dead latents are left out of the selection.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +125,8 @@ from crate.provenance import (
 
 
 # What a result folder holds that we wrote: anything else in a non-empty --out folder means it is not ours.
-OUTPUTS = ("provenance.json", "summary.json", "summary.md", "scores", "records", "records-short", "llm_cache.sqlite")
+OUTPUTS = ("provenance.json", "summary.json", "summary.md", "scores", "records", "records-short", "llm_cache.sqlite",
+           "validity")
 
 
 def _check_dependents(out: Path, records_dir: Path, rec_id: dict[str, Any], protocol: Protocol,
@@ -234,8 +244,13 @@ def plan_interpret(checkpoint: str | Path | None, data_dir: str | Path | None, o
                          rec_id, score_id, provenance, discard, t_start)
 
 
-def execute_plan(plan: InterpretPlan) -> dict[str, Any]:
-    """Record (or reuse the records), score what is not scored yet, summarise; write the module's layout."""
+Validate = Callable[[InterpretPlan, dict[str, Any]], dict[str, Any]]
+
+
+def execute_plan(plan: InterpretPlan, validate: Validate | None = None) -> dict[str, Any]:
+    """Record (or reuse the records), score what is not scored yet, summarise; write the module's layout.
+    `validate(plan, recordings)`, when given, checks the scorer on this run (crate.eval.validity.run.validate,
+    passed in by the callers above this package) and its summary goes into summary.json's "validity"."""
     import shutil
 
     cfg, out = plan.cfg, plan.out
@@ -254,6 +269,8 @@ def execute_plan(plan: InterpretPlan) -> dict[str, Any]:
     finally:
         progress.close()
     summary = summarise_layers(recs, per_layer, plan.model.config.n_layer, cfg, plan.neurons, excluded_count(plan.model, cfg))
+    if validate is not None:
+        summary["validity"] = validate(plan, recs)
     summary["provenance"] = plan.provenance
     summary["seconds"] = time.perf_counter() - plan.t_start
     write_json(out / "summary.json", summary)
@@ -265,7 +282,8 @@ def execute_plan(plan: InterpretPlan) -> dict[str, Any]:
 def run_interpret(checkpoint: str | Path | None, data_dir: str | Path | None, out_dir: str | Path,
                   config: InterpretConfig | None = None, *, model: Any = None, stream: np.ndarray | None = None,
                   token_strings: Sequence[str] | None = None, explainer: Explainer | None = None,
-                  simulator: Simulator | None = None, overwrite: bool = False, name: str | None = None) -> dict[str, Any]:
+                  simulator: Simulator | None = None, overwrite: bool = False, name: str | None = None,
+                  validate: Validate | None = None) -> dict[str, Any]:
     """Record, explain, simulate and score one model; write the layout of this module's docstring; return the summary.
 
     `model`, `stream` and `token_strings` may be given directly (tests, notebooks); otherwise they come from
@@ -274,7 +292,7 @@ def run_interpret(checkpoint: str | Path | None, data_dir: str | Path | None, ou
     their provenance matches exactly; scores of other inputs are refused (`overwrite=True` discards them)."""
     return execute_plan(plan_interpret(checkpoint, data_dir, out_dir, config, model=model, stream=stream,
                                        token_strings=token_strings, explainer=explainer, simulator=simulator,
-                                       overwrite=overwrite, name=name))
+                                       overwrite=overwrite, name=name), validate)
 
 
-__all__ = ["OUTPUTS", "plan_interpret", "execute_plan", "run_interpret"]
+__all__ = ["OUTPUTS", "Validate", "plan_interpret", "execute_plan", "run_interpret"]

@@ -10,9 +10,8 @@ from collections.abc import Generator
 from typing import Any
 
 from crate.eval.autointerp.explainers import Explainer, max_activation
-from crate.eval.autointerp.prompts import normalise
 from crate.eval.autointerp.protocols import Protocol
-from crate.eval.autointerp.scoring import balanced_accuracy, score_simulation
+from crate.eval.autointerp.scoring import active_tokens, judge_accuracy, score_simulation
 from crate.eval.autointerp.simulators import Simulator
 
 
@@ -37,15 +36,16 @@ def score_neuron(windows: dict[str, Any], protocol: Protocol, explainer: Explain
         return done.value
 
 
-def _fuzzing(explanation: str, tokens: list[list[str]], true: list[list[float]], labels: list[bool], m: float,
-             seed: int) -> tuple[list[Request], list[bool]]:
-    """The fuzzing request and its labels: every activating record with its active tokens marked (right ones),
-    then those with inactive tokens marked instead (wrong ones); nothing when no record activates."""
-    act = [i for i, y in enumerate(labels) if y]
+def fuzzing_request(explanation: str, tokens: list[list[str]], active: list[list[bool]],
+                    seed: int) -> tuple[list[Request], list[bool]]:
+    """The fuzzing request and its labels: every activating record with its active tokens (`active`, per token of
+    each record: scoring.active_tokens) marked (right ones), then those with inactive tokens marked instead (wrong
+    ones); nothing when no record activates."""
+    act = [i for i, a in enumerate(active) if any(a)]
     if not act:
         return [], []
     rng = random.Random(seed)
-    marks_true = [[v >= 1 for v in normalise(true[i], m)] for i in act]
+    marks_true = [list(active[i]) for i in act]
     # the wrong marks fall on as many inactive tokens (as delphi draws them): marks that could land on active
     # tokens would be, in part or wholly, right ones labelled wrong; a record with no inactive token has none
     marks_false, wrong_of = [], []
@@ -76,9 +76,10 @@ def neuron_steps(windows: dict[str, Any], protocol: Protocol, seed: int = 0,
     labels: list[bool] = []
     fuzz_labels: list[bool] = []
     if extra_scores and score_recs and m > 0:
-        labels = [max(normalise(a, m), default=0) >= 1 for a in true]
+        active = active_tokens(true, m)
+        labels = [any(a) for a in active]
         requests.append(("simulator", "detect", (explanation, tokens)))
-        fuzz, fuzz_labels = _fuzzing(explanation, tokens, true, labels, m, seed)
+        fuzz, fuzz_labels = fuzzing_request(explanation, tokens, active, seed)
         requests += fuzz
     results = (yield requests) if requests else []
     expected = results[0] if score_recs else []
@@ -91,13 +92,13 @@ def neuron_steps(windows: dict[str, Any], protocol: Protocol, seed: int = 0,
         "expected_activations": expected,
         "max_activation": m,
     }
-    out.update(score_simulation(true, expected, m))
+    out.update(score_simulation(true, expected, m, out["record_ids"]))
     out["detection"] = out["fuzzing"] = None
     if labels:
-        out["detection"] = balanced_accuracy(labels, [x > 0.5 for x in results[1]])
+        out["detection"] = judge_accuracy(labels, results[1])
     if fuzz_labels:
-        out["fuzzing"] = balanced_accuracy(fuzz_labels, [x > 0.5 for x in results[2]])
+        out["fuzzing"] = judge_accuracy(fuzz_labels, results[2])
     return out
 
 
-__all__ = ["Request", "neuron_seed", "score_neuron", "neuron_steps"]
+__all__ = ["Request", "neuron_seed", "score_neuron", "neuron_steps", "fuzzing_request"]

@@ -53,6 +53,12 @@ def summary_markdown(models: dict[str, dict[str, Any]], comparison: dict[str, An
         for k, c in comparison.items():
             lines.append(f"\n{k}: difference x100 {f(c['difference'])} [{f(c['ci95'][0])}, {f(c['ci95'][1])}] "
                          f"({'paired' if c['paired'] else 'unpaired'} bootstrap over neurons)")
+            if c.get("density_reweighted"):
+                d = c["density_reweighted"]
+                lines.append(f"- at one activation-density mix (units pooled over layers, reweighted per density bin):"
+                             f" difference x100 {f(d['difference'])} [{f(d['ci95'][0])}, {f(d['ci95'][1])}], raw "
+                             f"{f(d['raw_difference'])}")
+            lines += [f"- flagged ({fl['flag']}): {fl['reason']}" for fl in c.get("flags") or []]
     return "\n".join(lines) + "\n"
 
 

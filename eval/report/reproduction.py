@@ -26,6 +26,7 @@ from crate.eval.report.reproduction_tables import (
     controls_table, layers_table, main_table, measures_table, model_groups, sae_metrics_table, sae_table,
     val_loss_table,
 )
+from crate.eval.report.scorer_validity import validity_section
 from crate.eval.report.results import REPORT_CSVS, ModelResult, ReportError, discover, read_json
 from crate.eval.report.tables import slug
 
@@ -49,7 +50,7 @@ def steering_section(paths: list[str | Path], out: Path) -> list[str]:
 
 def _score_sections(results: list[ModelResult], out: Path, seed: int, n_boot: int) -> list[str]:
     """The index's sections read from interpretability results, their tables and plots written into `out`."""
-    index: list[str] = []
+    index: list[str] = validity_section(results)
     main = main_table(results, seed, n_boot)
     main.write(out, "main_table")
     index += ["## Interpretability scores (the paper's main table)", "", main.note, "", main.to_markdown(),

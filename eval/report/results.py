@@ -20,6 +20,7 @@ from crate.config import PAPER_SIZES
 from crate.errors import CrateError
 from crate.eval.models import run_config, trained_size
 from crate.eval.report.paper import canonical_protocol
+from crate.eval.validity.report import VALIDITY
 
 
 class ReportError(CrateError):
@@ -41,6 +42,7 @@ class ModelResult:
     measures: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> measure -> value
     summary: dict[str, Any] = field(default_factory=dict)
     summary_path: Path | None = None  # the summary.json read (its own, else its folder's: run_compare's)
+    validity: dict[str, Any] = field(default_factory=dict)  # <path>/validity/validity.json (crate.eval.validity.run)
 
     @property
     def label(self) -> str:
@@ -225,6 +227,7 @@ def load_model_result(path: Path) -> ModelResult:
         if summary:
             result.summary, result.summary_path = summary, candidate.resolve()
             break
+    result.validity = read_json(path / VALIDITY / "validity.json")
     model_summary = _summary_for(result.summary, result.name, path.name)
     for layer, info in (model_summary.get("layers") or {}).items():
         flat = _flatten_numbers(info.get("measures") or {}) if isinstance(info, dict) else {}
@@ -337,6 +340,8 @@ def discover(paths: list[str | Path]) -> tuple[list[ModelResult], list[TrainRun]
             raise FileNotFoundError(f"{p} does not exist")
         dirs = [p] + sorted(d for d in p.rglob("*") if d.is_dir())
         for d in dirs:
+            if VALIDITY in d.relative_to(p).parts:
+                continue  # an interpret run's scorer checks (its planted units' run), not a model's result
             if d.name == "scores" and d.is_dir() and any(d.glob("*/*.jsonl")):
                 r = d.parent.resolve()
                 if r not in results:

@@ -3,8 +3,9 @@
 The demo trains a tiny CRATE and a tiny GPT with matched parameter counts on the embedded Shakespeare corpus
 (CRATE's dictionary is widened until its count meets GPT's: the paper compares at equal width instead, which
 gives GPT more parameters), records their neurons, scores a seeded sample of them with the token-statistics
-explainer/simulator (and SmolLM2-135M with --llm), scores random-initialised controls, and writes
-<out>/index.md and <out>/browser/index.html. Every step is one of crate.eval.workflows.steps, so a rerun reuses
+explainer/simulator (and SmolLM2-135M with --llm), checks that scorer on each trained system (planted units of
+known behaviour, sanity checks, who the means count: crate.eval.validity), scores random-initialised controls,
+and writes <out>/index.md and <out>/browser/index.html. Every step is one of crate.eval.workflows.steps, so a rerun reuses
 what matches its inputs.
 """
 
@@ -119,7 +120,8 @@ def _interpret(opts: DemoOptions, out: Path, data_dir: Path, finals: dict[str, P
     else:
         log('GPT-SAE skipped: SAELens is not installed (pip install -e ".[sae]")', t0)
     for arch, ckpt in systems.items():
-        interpret_model(arch, ckpt, data_dir, interp / arch, "tar", t0, explainer="stats", simulator="stats", **common)
+        interpret_model(arch, ckpt, data_dir, interp / arch, "tar", t0, explainer="stats", simulator="stats",
+                        validity=True, **common)
         if opts.controls:
             interpret_model(f"{arch} (random init)", ckpt, data_dir, interp / f"{arch}-control", "tar", t0,
                             explainer="stats", simulator="stats", control=True, **common)
@@ -129,7 +131,7 @@ def _interpret(opts: DemoOptions, out: Path, data_dir: Path, finals: dict[str, P
         llm_common = {**common, "neurons": min(n_neurons, DEMO_LLM_NEURONS)}
         for arch in ARCHS:
             interpret_model(f"{arch} (SmolLM2)", finals[arch], data_dir, out / "interpret-smollm2" / arch, "tar", t0,
-                            explainer="smollm2", simulator="smollm2", **llm_common)
+                            explainer="smollm2", simulator="smollm2", validity=True, **llm_common)
 
 
 def _report(opts: DemoOptions, out: Path, t0: float) -> dict[str, Path]:

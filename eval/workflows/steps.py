@@ -138,8 +138,9 @@ def _manifest_identity(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def interpret_model(name: str, checkpoint: Path, data_dir: Path, out: Path, protocol: str, t0: float,
-                    overwrite: bool = False, **config: Any) -> Path:
-    """`crate interpret` of one model: what its provenance matches is reused (run_interpret says what)."""
+                    overwrite: bool = False, validity: bool = False, **config: Any) -> Path:
+    """`crate interpret` of one model (`--validity` with `validity`): what its provenance matches is reused
+    (run_interpret says what)."""
     from crate.eval.autointerp.config import InterpretConfig
     from crate.eval.autointerp.interpret import run_interpret
 
@@ -152,7 +153,10 @@ def interpret_model(name: str, checkpoint: Path, data_dir: Path, out: Path, prot
     cfg = InterpretConfig(protocol=protocol, **config)
     log(f"interpret {name}: {protocol} protocol, explainer {cfg.explainer}, simulator {cfg.simulator}"
         f"{', random-init control' if cfg.control else ''}", t0)
-    run_interpret(checkpoint, data_dir, out, cfg, overwrite=overwrite, name=out.name)
+    validate = None
+    if validity:
+        from crate.eval.validity.run import validate
+    run_interpret(checkpoint, data_dir, out, cfg, overwrite=overwrite, name=out.name, validate=validate)
     return out
 
 

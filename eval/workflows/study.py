@@ -250,7 +250,7 @@ def run_unit(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float) -> None:
         label = f"{name}-{unit.size} seed {unit.seed}"
         for protocol in opts.protocols:
             interpret_model(label, ckpt, data_dir, interpret_dir(out, unit.seed, unit.size, name), protocol, t0,
-                            neurons=opts.neurons, **common)
+                            neurons=opts.neurons, validity=True, **common)
             if opts.control_neurons != 0 and name in ARCHS:  # an SAE on a random GPT: not a control of GPT-SAE
                 # one random init per training seed: the interpretation seed also seeds the control's init
                 interpret_model(f"{label} (random init)", ckpt, data_dir,
@@ -260,7 +260,7 @@ def run_unit(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float) -> None:
     if unit.seed == 0 and opts.llm_neurons:
         for arch in ARCHS:
             interpret_model(f"{arch}-{unit.size} seed 0 (SmolLM2)", checkpoints[arch], data_dir,
-                            interpret_dir(out, 0, unit.size, arch, llm=True), "tar", t0,
+                            interpret_dir(out, 0, unit.size, arch, llm=True), "tar", t0, validity=True,
                             **{**common, "explainer": "smollm2", "simulator": "smollm2", "neurons": opts.llm_neurons})
 
 

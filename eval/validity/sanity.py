@@ -1,0 +1,273 @@
+"""NeuronEval's sanity checks (Oikarinen, Yan, Weng, ICML 2025; SPEC.md 6d), run on our own explanations: does a
+metric's score drop when the explanation's concept loses some of its positives ("missing labels") or gains false
+ones ("extra labels")? A metric whose score does not drop cannot tell a worse explanation from a better one.
+
+The concept of an explanation is its simulation (a scoring line's expected_activations, 0..10 per scoring token),
+positive where >= 1; the unit is its true activations on the same tokens, active where the normalised activation
+is >= 1 (scoring.active_tokens: the labels of detection and fuzzing). Two levels of check:
+
+- label level (every line): NeuronEval's perturbations of the simulation. Missing: each true positive (a positive
+  token where the unit is active) is kept with probability r_minus (else set to 0). Extra: each false negative
+  candidate (a negative token where the unit is inactive) becomes positive with probability
+  (r_plus - 1) d / (1 - d), d the concept's positive rate on the uniformly sampled (random:*) records: NeuronEval
+  doubles a concept's positives over the whole data, every token flipping with that probability, and the random
+  records estimate the data's rate without the top records' excess (so top-and-random correlation meets extra
+  labels as it does there: few fall in its sample). Their concepts are ground truth, so every label they remove is
+  true and every one they add false; our explanations are not, so only true labels are removed and only false
+  ones added (an added label on an active token would make the explanation better, and a metric that rises then
+  is right). Their concepts are binary, ours graded: a new positive takes a value drawn from the line's own
+  positive values. Without random records, d is the rate over all scoring tokens.
+- explanation level (token-statistics explanations, re-simulated by the simulator): missing drops each listed token
+  with probability 0.5 (at least one dropped, one kept when it lists two or more); extra adds as many tokens of the
+  scoring records as it lists, valued like the listed ones, among the tokens on which the unit is never active
+  there (false labels, as above). Detection and fuzzing, which ask the simulator, are
+  checked here too. A free-text (LLM) explanation cannot be perturbed this way: only the label-level checks run.
+
+Pass rule (NeuronEval's code): a unit decreases when the mean over `draws` of (m(perturbed) - m(original)) /
+range(m) is below -0.001 (range 2 for correlations and cosine, 1 otherwise); a check's rate is the % of tested units
+(the metric defined on the original) that decrease, a score that becomes undefined counting as no decrease. A metric
+passes when every check that ran is >= 90%: their code states no threshold, their table marks 93.6 as a pass and
+89.5 as a fail. Each unit's draws are seeded by (seed, layer, neuron): the same whatever the order of the lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from crate.eval.autointerp.explainers import STATS_PREFIX, token_key
+from crate.eval.autointerp.scoring import (
+    RANDOM_PREFIX, active_tokens, average_precision, balanced_accuracy, correlation_score, judge_accuracy,
+)
+from crate.eval.autointerp.simulators import Simulator, StatsSimulator
+from crate.eval.autointerp.steps import fuzzing_request, neuron_seed
+
+R_MINUS = 0.5  # missing labels: the probability that a positive is kept
+R_PLUS = 2.0  # extra labels: the factor on the number of positives, in expectation
+EPSILON = 0.001  # the smallest normalised drop that counts as a decrease
+PASS_PCT = 90.0
+CHECKS = ("missing", "extra")
+
+Metric = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], float]
+
+
+def _binary(concept: np.ndarray) -> np.ndarray:
+    return concept >= 1
+
+
+def f1(active: np.ndarray, predicted: np.ndarray) -> float:
+    """2 TP / (2 TP + FP + FN); NaN when both sides are empty."""
+    tp, total = int((active & predicted).sum()), int(active.sum() + predicted.sum())
+    return 2 * tp / total if total else math.nan
+
+
+def iou(active: np.ndarray, predicted: np.ndarray) -> float:
+    """TP / |active or predicted|; NaN when both sides are empty."""
+    union = int((active | predicted).sum())
+    return int((active & predicted).sum()) / union if union else math.nan
+
+
+def cosine(true: np.ndarray, concept: np.ndarray) -> float:
+    """Uncentred cosine similarity, as NeuronEval. A zero concept of a non-zero unit predicts nothing: 0 (the
+    score's rule, and what NeuronEval's normalisation gives); NaN for a zero unit."""
+    nt, nc = float(np.linalg.norm(true)), float(np.linalg.norm(concept))
+    if nt == 0:
+        return math.nan
+    return float(true @ concept) / (nt * nc) if nc > 0 else 0.0
+
+
+def _balanced_accuracy(active: np.ndarray, predicted: np.ndarray) -> float:
+    """NeuronEval's: the unit as the truth, the binarised concept as the prediction; it needs both classes."""
+    return balanced_accuracy(active, predicted) if 0 < active.sum() < active.size else math.nan
+
+
+# name -> metric(true activations, concept, unit active, token from a random:* record), all flat over the tokens;
+# the correlations follow the score's rules (scoring.correlation_score: a constant concept of a varying unit is 0)
+METRICS: dict[str, Metric] = {
+    "correlation": lambda t, c, a, s: correlation_score([t], [c])[0],
+    "random_correlation": lambda t, c, a, s: correlation_score([t[s]], [c[s]])[0],
+    "auprc": lambda t, c, a, s: average_precision(c, a),
+    "f1": lambda t, c, a, s: f1(a, _binary(c)),
+    "iou": lambda t, c, a, s: iou(a, _binary(c)),
+    "cosine": lambda t, c, a, s: cosine(t, c),
+    "balanced_accuracy": lambda t, c, a, s: _balanced_accuracy(a, _binary(c)),
+}
+RANGES = {"correlation": 2.0, "random_correlation": 2.0, "cosine": 2.0}  # the others (and judges) span 1
+
+
+def relative_change(metric: str, before: float, after: float) -> float:
+    """(after - before) / the metric's range: NeuronEval's normalised change."""
+    return (after - before) / RANGES.get(metric, 1.0)
+
+
+def missing_labels(concept: np.ndarray, rng: np.random.Generator, r_minus: float = R_MINUS,
+                   true: np.ndarray | None = None) -> np.ndarray:
+    """Each positive token (of those where `true`, when given: the unit's active tokens) kept with probability
+    r_minus, else set to 0."""
+    pos = _binary(concept) & (True if true is None else true)
+    dropped = pos & (rng.random(concept.shape) >= r_minus)
+    return np.where(dropped, 0.0, concept)
+
+
+def extra_labels(concept: np.ndarray, rng: np.random.Generator, r_plus: float = R_PLUS,
+                 false: np.ndarray | None = None, rate_on: np.ndarray | None = None) -> np.ndarray:
+    """Each negative token (of those where `false`, when given: the unit's inactive tokens) made positive with
+    probability (r_plus - 1) d / (1 - d), d the positive rate on the tokens `rate_on` (all when None), valued as a
+    positive drawn at random from the concept's own positives."""
+    pos = _binary(concept)
+    sample = pos if rate_on is None or not rate_on.any() else pos[rate_on]
+    d = float(sample.mean()) if sample.size else 0.0
+    if not pos.any() or d >= 1:
+        return concept.copy()
+    eligible = ~pos & (True if false is None else false)
+    new = eligible & (rng.random(concept.shape) < min(1.0, (r_plus - 1) * d / (1 - d)))
+    out = concept.copy()
+    out[new] = rng.choice(concept[pos], size=int(new.sum()))
+    return out
+
+
+def drop_tokens(table: dict[str, float], rng: np.random.Generator) -> dict[str, float]:
+    """Each listed token dropped with probability 0.5, drawn again until one is dropped and (of two or more) one
+    is kept."""
+    while True:
+        kept = rng.random(len(table)) < 0.5
+        if not kept.all() and (kept.any() or len(table) == 1):
+            return {k: v for (k, v), on in zip(table.items(), kept) if on}
+
+
+def add_tokens(table: dict[str, float], candidates: Sequence[str], rng: np.random.Generator) -> dict[str, float]:
+    """As many new tokens as the table lists (all candidates when fewer), each valued as a listed one at random."""
+    k = min(len(table), len(candidates))
+    new = rng.choice(len(candidates), size=k, replace=False)
+    values = rng.choice(np.asarray(list(table.values())), size=k)
+    return {**table, **{candidates[i]: float(v) for i, v in zip(new, values)}}
+
+
+def _stats_explanation(table: dict[str, float]) -> str:
+    return STATS_PREFIX + json.dumps(table, ensure_ascii=False)
+
+
+class _Unit:
+    """One line as flat arrays, with the generator of each check's draws."""
+
+    def __init__(self, line: dict[str, Any], seed: int):
+        true, m = line["true_activations"], float(line["max_activation"])
+        self.line = line
+        self.t = np.asarray([float(x) for xs in true for x in xs], dtype=np.float64)
+        self.c = np.asarray([float(x) for xs in line["expected_activations"] for x in xs], dtype=np.float64)
+        self.active_lists = active_tokens(true, m)
+        self.a = np.asarray([x for xs in self.active_lists for x in xs], dtype=bool)
+        self.s = np.asarray([rid.startswith(RANDOM_PREFIX) for rid, xs in zip(line["record_ids"], true) for _ in xs],
+                            dtype=bool)
+        self.seed = neuron_seed(seed, str(line["layer"]), int(line["neuron"]))
+        self.m = m
+
+    def rng(self, level: int, check: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, level, check])
+
+    def scores(self, concept: np.ndarray) -> dict[str, float]:
+        return {name: float(f(self.t, concept, self.a, self.s)) for name, f in METRICS.items()}
+
+
+Trial = tuple[dict[str, float], dict[str, list[dict[str, float]]]]  # scores before, each check's draws after
+
+
+def _label_trial(u: _Unit, draws: int) -> Trial | None:
+    pos = _binary(u.c)
+    if not 0 < pos.sum() < pos.size:
+        return None
+    mrng, xrng = u.rng(0, 0), u.rng(0, 1)
+    return u.scores(u.c), {"missing": [u.scores(missing_labels(u.c, mrng, true=u.a)) for _ in range(draws)],
+                           "extra": [u.scores(extra_labels(u.c, xrng, false=~u.a, rate_on=u.s))
+                                     for _ in range(draws)]}
+
+
+def _explanation_trial(u: _Unit, simulator: Simulator, draws: int) -> Trial | None:
+    explanation, tokens = u.line["explanation"], u.line["tokens"]
+    table = StatsSimulator.table(explanation)
+    # false labels only: tokens of the scoring records on which the unit is never active
+    active_keys = {token_key(x) for ts, acts in zip(tokens, u.active_lists) for x, on in zip(ts, acts) if on}
+    candidates = sorted({token_key(x) for ts in tokens for x in ts} - set(table) - active_keys)
+    if not table or not candidates:
+        return None
+    labels = [any(a) for a in u.active_lists]
+
+    def scores(text: str) -> dict[str, float]:
+        out = u.scores(np.asarray([x for xs in simulator.simulate(text, tokens) for x in xs], dtype=np.float64))
+        out["detection"] = judge_accuracy(labels, simulator.detect(text, tokens)) if u.m > 0 else math.nan
+        fuzz, fuzz_labels = fuzzing_request(text, tokens, u.active_lists, u.seed)
+        out["fuzzing"] = judge_accuracy(fuzz_labels, simulator.fuzz(*fuzz[0][2])) if fuzz_labels else math.nan
+        return out
+
+    mrng, xrng = u.rng(1, 0), u.rng(1, 1)
+    return scores(explanation), {
+        "missing": [scores(_stats_explanation(drop_tokens(table, mrng))) for _ in range(draws)],
+        "extra": [scores(_stats_explanation(add_tokens(table, candidates, xrng))) for _ in range(draws)],
+    }
+
+
+def _tally(trials: list[Trial]) -> dict[str, dict[str, Any]]:
+    """Per metric: each check's % of tested units that decrease, n tested, undefined (left out: undefined on the
+    original) and undefined_after (tested units whose perturbed score is undefined: counted as no decrease)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in trials[0][0]:
+        tested = [(before[name], after) for before, after in trials if math.isfinite(before[name])]
+        row: dict[str, Any] = {"n": len(tested), "undefined": len(trials) - len(tested), "undefined_after": {}}
+        for check in CHECKS:
+            diffs = [float(np.mean([relative_change(name, b, a[name]) for a in after[check]])) for b, after in tested]
+            row[check] = 100.0 * float(np.mean([d < -EPSILON for d in diffs])) if diffs else None
+            row["undefined_after"][check] = sum(not math.isfinite(d) for d in diffs)
+        out[name] = row
+    return out
+
+
+def _passes(rows: list[dict[str, Any]]) -> bool | None:
+    """>= PASS_PCT on every check of `rows` that ran; None when none ran."""
+    rates = [row[c] for row in rows for c in CHECKS if row[c] is not None]
+    return all(r >= PASS_PCT for r in rates) if rates else None
+
+
+def sanity_checks(lines: Sequence[dict[str, Any]], simulator: Simulator | None = None, seed: int = 0,
+                  draws: int = 1) -> dict[str, Any]:
+    """NeuronEval's missing- and extra-labels checks on scoring lines (each with layer and neuron, as the JSONL
+    lines have them): the label-level checks on every line whose simulation has a positive and a negative token,
+    and with `simulator`, the explanation-level checks on its token-statistics explanations."""
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, not {draws}")
+    units = [_Unit(line, seed) for line in lines]
+    label_trials = [t for t in (_label_trial(u, draws) for u in units) if t is not None]
+    stats = [u for u in units if u.line["explanation"].startswith(STATS_PREFIX)]
+    expl_trials = [t for t in (_explanation_trial(u, simulator, draws) for u in stats) if t is not None] \
+        if simulator is not None else []
+    notes = [f"pass: >= {PASS_PCT:g}% on every check that ran (NeuronEval's code states no threshold; their table "
+             "marks 93.6 as a pass and 89.5 as a fail)"]
+    if simulator is None:
+        notes.append("no simulator: the explanation-level checks did not run")
+    if len(stats) < len(units):
+        notes.append(f"{len(units) - len(stats)} of {len(units)} explanations are free text (an LLM's, or a dead "
+                     "unit's placeholder), not token statistics: only the label-level checks run on them")
+    label = _tally(label_trials) if label_trials else None
+    explanation = _tally(expl_trials) if expl_trials else None
+    levels = [x for x in (label, explanation) if x]
+    passes = {name: _passes([level[name] for level in levels if name in level])
+              for name in dict.fromkeys(k for level in levels for k in level)}
+    return {
+        "label": label,
+        "explanation": explanation,
+        "passes": passes,
+        "passes_by_level": {name: {m: _passes([row]) for m, row in level.items()} if level else None
+                            for name, level in (("label", label), ("explanation", explanation))},
+        "units": {"lines": len(units), "label_tested": len(label_trials), "stats_explanations": len(stats),
+                  "explanation_tested": len(expl_trials)},
+        "settings": {"r_minus": R_MINUS, "r_plus": R_PLUS, "epsilon": EPSILON, "pass_pct": PASS_PCT, "draws": draws,
+                     "seed": seed},
+        "notes": notes,
+    }
+
+
+__all__ = ["METRICS", "RANGES", "CHECKS", "R_MINUS", "R_PLUS", "EPSILON", "PASS_PCT", "f1", "iou", "cosine",
+           "relative_change", "missing_labels", "extra_labels", "drop_tokens", "add_tokens", "sanity_checks"]

@@ -1,0 +1,151 @@
+"""`crate interpret --validity` end to end on a tiny model and the embedded corpus: the validity summary's parts
+recomputed from the files it was made from, the planted run reused on a rerun, the report's section, the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+
+from crate.eval.autointerp.config import InterpretConfig
+from crate.eval.autointerp.interpret import run_interpret
+from crate.eval.autointerp.records import load_token_strings
+from crate.eval.autointerp.prompts import normalise
+from crate.eval.record.recorder import LayerRecording
+from crate.eval.validity.run import validate
+from crate.model import build_model
+from crate.train.data import open_split
+
+N_TOKENS, T, VOCAB = 8192, 128, 320
+
+
+def _cfg(**kw):
+    return InterpretConfig(**{**dict(protocol="tar", explainer="stats", simulator="stats", layers=[0],
+                                     neurons=list(range(24)), n_tokens=N_TOKENS, seq_len=T, n_boot=200,
+                                     device="cpu"), **kw})
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model("crate", "micro", vocab_size=VOCAB, block_size=T)
+    stream, strings = open_split(data_dir, "val"), load_token_strings(data_dir, VOCAB)
+    out = tmp_path_factory.mktemp("validity")
+    summary = run_interpret(None, None, out, _cfg(), model=model, stream=stream, token_strings=strings,
+                            validate=validate)
+    yield dict(model=model, stream=stream, strings=strings, out=out, summary=summary)
+    torch.set_num_threads(threads)
+
+
+def test_the_summary_holds_every_part_and_the_planted_known_answers(run):
+    out = run["out"]
+    v = json.loads((out / "validity" / "validity.json").read_text())
+    assert v == json.loads((out / "summary.json").read_text())["validity"]  # summary.json carries the same
+    fam = v["planted"]["families"]
+    assert fam["indicator-1"]["score"]["mean"] == pytest.approx(1.0, abs=1e-9)
+    assert abs(fam["noise-dense"]["score"]["mean"]) < 0.25 and abs(fam["noise-sparse"]["score"]["mean"]) < 0.25
+    # the lookup at the model's own density: planted at the median density of the 24 scored units
+    rec = LayerRecording.load(out / "records" / "0" / "cache.npz")
+    median = float(np.median(rec.active_count[:24] / rec.n_tokens))
+    assert v["planted"]["own_density"] == pytest.approx(median)
+    own = [u for u in v["planted"]["units"] if u["family"] == "lookup-own"]
+    assert len(own) == 4 and all(0.8 * median <= u["density"] <= median + 1e-9 for u in own)
+    layer = v["layers"]["0"]
+    assert layer["counts"]["n_units"] == 128 and layer["counts"]["n_lines"] == 24
+    assert set(v["sanity"]["label"]) >= {"correlation", "random_correlation", "auprc"}
+    md = (out / "validity" / "validity.md").read_text()
+    assert "## Planted units" in md and "indicator-1" in md and "## Sanity checks" in md
+
+
+def test_auprc_and_density_bins_recomputed_from_the_score_files(run):
+    """AUPRC by sklearn and the density table by hand, from the JSONL lines and the records cache alone."""
+    out = run["out"]
+    lines = [json.loads(x) for x in (out / "scores" / "tar" / "0.jsonl").read_text().splitlines()]
+    checked = 0
+    for x in lines:
+        y = np.concatenate([np.asarray(normalise(a, x["max_activation"])) >= 1 for a in x["true_activations"]])
+        e = np.concatenate([np.asarray(a, dtype=np.float64) for a in x["expected_activations"]])
+        if y.any() and x["auprc"] is not None:
+            assert x["auprc"] == pytest.approx(average_precision_score(y, e), abs=1e-12)
+            checked += 1
+    assert checked >= 10
+    v = json.loads((out / "validity" / "validity.json").read_text())
+    rec = LayerRecording.load(out / "records" / "0" / "cache.npz")
+    freq = {x["neuron"]: rec.active_count[x["neuron"]] / rec.n_tokens for x in lines}
+    for b in v["layers"]["0"]["density_bins"]:
+        lo, hi = b["bin"]
+        inside = [x["score"] for x in lines if x["score"] is not None
+                  and (lo <= freq[x["neuron"]] < hi or (hi == 1.0 and freq[x["neuron"]] == 1.0))]
+        assert b["n"] == len(inside)
+        if inside:
+            assert b["mean"] == pytest.approx(np.mean(inside))
+
+
+def test_a_rerun_reuses_the_planted_run_and_gives_the_same_summary(run, capsys):
+    out = run["out"]
+    before = (out / "validity" / "validity.json").read_text()
+    capsys.readouterr()
+    run_interpret(None, None, out, _cfg(), model=run["model"], stream=run["stream"], token_strings=run["strings"],
+                  validate=validate)
+    said = capsys.readouterr().out + capsys.readouterr().err
+    assert f"records {out / 'validity' / 'planted' / 'records'}: reused" in said
+    assert (out / "validity" / "validity.json").read_text() == before
+
+
+def test_another_seed_plants_and_records_again(run, tmp_path, capsys):
+    """One option changed (the seed): the planted units are drawn again, so their records are recorded again."""
+    out = run["out"]
+    old = json.loads((out / "validity" / "validity.json").read_text())["provenance"]["planted_key"]
+    capsys.readouterr()
+    run_interpret(None, None, out, _cfg(seed=1), model=run["model"], stream=run["stream"],
+                  token_strings=run["strings"], validate=validate, overwrite=True)
+    said = capsys.readouterr().out
+    assert f"records {out / 'validity' / 'planted' / 'records'}: recording again" in said
+    assert json.loads((out / "validity" / "validity.json").read_text())["provenance"]["planted_key"] != old
+
+
+def test_the_report_leads_with_the_section_and_does_not_count_the_planted_run(run, tmp_path):
+    from crate.eval.report.reproduction import write_report
+
+    index = write_report([run["out"]], tmp_path / "report").read_text()
+    assert index.index("## Is the scorer valid?") < index.index("## Interpretability scores")
+    assert "indicator-1" in index and "Inputs: 1 interpretability result(s)" in index
+
+
+def test_compare_and_cli_flag_verdicts_and_reweight_by_density(data_dir, tmp_path, capsys, one_thread):
+    """`crate interpret -c crate=... gpt=... --validity`: each trained model validated (not the controls), each
+    comparison with its flags and its density-reweighted difference, which is recomputed here by hand."""
+    import crate
+    from crate.cli import main
+
+    ckpts = {}
+    for arch in ("crate", "gpt"):
+        torch.manual_seed(0)
+        crate.save(build_model(arch, "micro", vocab_size=VOCAB, block_size=T), tmp_path / arch)
+        ckpts[arch] = tmp_path / arch
+    out = tmp_path / "cmp"
+    assert main(["interpret", "-c", f"crate={ckpts['crate']}", f"gpt={ckpts['gpt']}", "-d", str(data_dir), "-o",
+                 str(out), "--layers", "0", "--neurons", "0-23", "--tokens", str(N_TOKENS), "--seq-len", str(T),
+                 "--controls", "--validity", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "at one activation-density mix" in printed and "validity/" in printed
+    assert (out / "crate" / "validity" / "validity.json").exists() and not (out / "crate-control" / "validity").exists()
+    c = json.loads((out / "summary.json").read_text())["comparison"]["crate - gpt"]
+    assert isinstance(c["flags"], list) and all({"flag", "reason"} == set(f) for f in c["flags"])
+    # the reweighted difference by hand: per density bin both populate, the pooled share times the mean difference
+    edges = [0, 0.01, 0.05, 0.2, 0.5, 1.0]
+    units = {}
+    for arch in ("crate", "gpt"):
+        rec = LayerRecording.load(out / arch / "records" / "0" / "cache.npz")
+        lines = [json.loads(x) for x in (out / arch / "scores" / "tar" / "0.jsonl").read_text().splitlines()]
+        units[arch] = [(rec.active_count[x["neuron"]] / rec.n_tokens, x["score"]) for x in lines
+                       if x["score"] is not None]
+    binned = {a: [[s for f, s in u if lo <= f < hi or (hi == 1.0 and f == 1.0)] for lo, hi in zip(edges, edges[1:])]
+              for a, u in units.items()}
+    used = [k for k in range(5) if binned["crate"][k] and binned["gpt"][k]]
+    w = np.array([len(binned["crate"][k]) + len(binned["gpt"][k]) for k in used], dtype=float)
+    want = sum(wk / w.sum() * (np.mean(binned["crate"][k]) - np.mean(binned["gpt"][k])) for wk, k in zip(w, used))
+    assert c["density_reweighted"]["difference"] == pytest.approx(want, abs=1e-12)
