@@ -58,7 +58,10 @@ def test_random_score_is_the_correlation_over_random_records_only():
     r, note = random_correlation(true, [[9, 9], [3, 3], [3, 3]], ids)
     assert r == 0.0 and "predicts nothing" in note
     r, note = random_correlation([[5, 0], [0, 0], [0, 0]], expected, ids)
-    assert math.isnan(r) and note == "never sampled: zero on every uniformly sampled record"
+    assert math.isnan(r) and note == "never sampled: not above 0 on any uniformly sampled record"
+    # a GELU unit's negative values vary but never fire: never sampled too (as crate.eval.validity.estimands counts)
+    r, note = random_correlation([[5, 0], [-0.1, -0.2], [-0.05, 0]], expected, ids)
+    assert math.isnan(r) and note.startswith("never sampled")
     r, note = random_correlation(true, expected, ["top:1", "top:3", "quantile:0:2"])
     assert math.isnan(r) and "no uniformly sampled" in note
 

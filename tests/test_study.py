@@ -205,6 +205,13 @@ def test_reduced_study_end_to_end_resumes_and_refuses_other_inputs(tmp_path, cap
                                             - systems[("2L", "GPT", "correlation")]["estimate"])
     assert "| CRATE > GPT at 2L | TaR |" in first and (out / "plots" / "score_vs_depth_TaR.png").stat().st_size > 1000
     assert "## Verdicts" in index.read_text() and "Random-initialisation controls" in index.read_text()
+    # the scorer's own controls, validated on every trained model: a one-key indicator scores 100 with stats
+    validity = {(r["size"], r["system"], r["planted family"]): r for r in summary["tables"]["validity"]}
+    for size in ("1L", "2L"):
+        for system in ("CRATE", "GPT"):
+            row = validity[(size, system, "indicator-1")]
+            assert row["score x100"] == pytest.approx(100, abs=1e-6) and row["seeds"] == 2
+    assert "Is the scorer valid?" in index.read_text()
     # a rerun reuses every run and every score, and reports the same numbers
     timings = (out / "timings.json").read_text()
     study(opts)

@@ -16,7 +16,7 @@ from crate.eval.record.recorder import LayerRecording, RecordingSpec, record_act
 from crate.eval.record.windows import neuron_windows
 from crate.eval.stats.neurons import bootstrap_ci
 from crate.eval.validity.estimands import (
-    activation_density, density_bins, density_reweighted, layer_means, unit_counts,
+    active_share, density_bins, density_reweighted, layer_means, unit_counts,
 )
 
 
@@ -67,7 +67,16 @@ def test_unit_counts_finds_planted_units():
     lines[2]["true_activations"][4] = [1.0]
     lines[4] = _line(4, math.nan, ["top:1"], [[2.0]])
     assert unit_counts(rec, lines, rare=0.002)["never_sampled_neurons"] == []
-    np.testing.assert_allclose(list(activation_density(rec).values()), (A > 0).mean(0))
+
+
+
+def test_active_share_is_the_scorers_active_share_of_the_random_records():
+    """Normalised activation >= 1 (a tenth of the explanation records' maximum) on random:* tokens only: top
+    records and a unit's tiny positive values (0 < a < max / 10) do not count."""
+    line = {"record_ids": ["top:0", "random:0", "random:1"], "max_activation": 10.0,
+            "true_activations": [[10.0, 10.0], [0.5, 1.0, 0.0, 3.0], [0.99, 2.0]]}
+    assert active_share(line) == pytest.approx(3 / 6)  # 1.0, 3.0 and 2.0 of the six random tokens
+    assert math.isnan(active_share({**line, "record_ids": ["top:0", "top:1", "top:2"]}))
 
 
 @pytest.fixture(scope="module")

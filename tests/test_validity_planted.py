@@ -193,5 +193,26 @@ def test_refusals(setup):
     with pytest.raises(CrateError, match=r"indicator-16 needs 16 of the token keys .* the 1,024 recorded tokens have "
                                          r"\d+: record more tokens"):
         plant_units(model, stream, strings, 8 * T, T, families=["indicator-16"])
+    # not strict (as --validity plants): the family is left out and named, the others planted
+    lenient = plant_units(model, stream, strings, 8 * T, T, families=["indicator-16", "position"], strict=False)
+    assert [u.family for u in lenient.units] == ["position"] * 4 and "record more tokens" in lenient.skipped[
+        "indicator-16"] and lenient.planted_identity["skipped"] == lenient.skipped
     with pytest.raises(CrateError, match="families must be some of"):
         plant_units(model, stream, strings, N_TOKENS, T, families=["lookup-3%"])
+
+
+def test_planted_at_a_gelu_gpts_neurons(setup):
+    """The hook is the architecture's: on a GELU GPT the recorder reads the planted values too, and the model's own
+    neurons past them are the GPT's (negative values included)."""
+    stream, strings = setup["stream"], setup["strings"]
+    torch.manual_seed(0)
+    gpt = build_model("gpt", "micro", vocab_size=VOCAB, block_size=T, activation="gelu")
+    planted = plant_units(gpt, stream, strings, N_TOKENS, T, families=["indicator-1", "noise-dense"], replicates=2)
+    ids = torch.from_numpy(np.asarray(stream[: 4 * T], dtype=np.int64)).view(4, T)
+    hook = planted.neuron_hook(0)
+    with torch.no_grad(), record(planted, [hook]) as got:
+        planted(ids)
+    a = got[hook].double().numpy()
+    for u in planted.units:
+        np.testing.assert_allclose(a[..., u.neuron], reference(u, ids.numpy(), strings), atol=1e-6, rtol=0)
+    assert (a[..., 4:] < 0).any()  # GELU's own neurons, untouched

@@ -12,7 +12,6 @@ from crate.eval.autointerp.config import InterpretConfig
 from crate.eval.autointerp.interpret import run_interpret
 from crate.eval.autointerp.records import load_token_strings
 from crate.eval.autointerp.prompts import normalise
-from crate.eval.record.recorder import LayerRecording
 from crate.eval.validity.run import validate
 from crate.model import build_model
 from crate.train.data import open_split
@@ -24,6 +23,12 @@ def _cfg(**kw):
     return InterpretConfig(**{**dict(protocol="tar", explainer="stats", simulator="stats", layers=[0],
                                      neurons=list(range(24)), n_tokens=N_TOKENS, seq_len=T, n_boot=200,
                                      device="cpu"), **kw})
+
+
+def _random_share(line):
+    """By hand: the share of the random records' tokens at or above a tenth of the explanation records' maximum."""
+    acts = [a for rid, r in zip(line["record_ids"], line["true_activations"]) if rid.startswith("random:") for a in r]
+    return float(np.mean(np.asarray(acts) >= line["max_activation"] / 10))
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +47,22 @@ def run(data_dir, tmp_path_factory):
 
 def test_the_summary_holds_every_part_and_the_planted_known_answers(run):
     out = run["out"]
-    v = json.loads((out / "validity" / "validity.json").read_text())
+    v = json.loads((out / "validity" / "tar" / "validity.json").read_text())
     assert v == json.loads((out / "summary.json").read_text())["validity"]  # summary.json carries the same
     fam = v["planted"]["families"]
     assert fam["indicator-1"]["score"]["mean"] == pytest.approx(1.0, abs=1e-9)
     assert abs(fam["noise-dense"]["score"]["mean"]) < 0.25 and abs(fam["noise-sparse"]["score"]["mean"]) < 0.25
-    # the lookup at the model's own density: planted at the median density of the 24 scored units
-    rec = LayerRecording.load(out / "records" / "0" / "cache.npz")
-    median = float(np.median(rec.active_count[:24] / rec.n_tokens))
+    # the lookup at the model's own density: planted at the median share of the random records' tokens on which
+    # the 24 scored units are active as the scorer labels them (a tenth of the explanation records' maximum)
+    lines = [json.loads(x) for x in (out / "scores" / "tar" / "0.jsonl").read_text().splitlines()]
+    median = float(np.median([_random_share(x) for x in lines if x["max_activation"] > 0]))
     assert v["planted"]["own_density"] == pytest.approx(median)
     own = [u for u in v["planted"]["units"] if u["family"] == "lookup-own"]
     assert len(own) == 4 and all(0.8 * median <= u["density"] <= median + 1e-9 for u in own)
     layer = v["layers"]["0"]
     assert layer["counts"]["n_units"] == 128 and layer["counts"]["n_lines"] == 24
     assert set(v["sanity"]["label"]) >= {"correlation", "random_correlation", "auprc"}
-    md = (out / "validity" / "validity.md").read_text()
+    md = (out / "validity" / "tar" / "validity.md").read_text()
     assert "## Planted units" in md and "indicator-1" in md and "## Sanity checks" in md
 
 
@@ -72,9 +78,8 @@ def test_auprc_and_density_bins_recomputed_from_the_score_files(run):
             assert x["auprc"] == pytest.approx(average_precision_score(y, e), abs=1e-12)
             checked += 1
     assert checked >= 10
-    v = json.loads((out / "validity" / "validity.json").read_text())
-    rec = LayerRecording.load(out / "records" / "0" / "cache.npz")
-    freq = {x["neuron"]: rec.active_count[x["neuron"]] / rec.n_tokens for x in lines}
+    v = json.loads((out / "validity" / "tar" / "validity.json").read_text())
+    freq = {x["neuron"]: _random_share(x) for x in lines}
     for b in v["layers"]["0"]["density_bins"]:
         lo, hi = b["bin"]
         inside = [x["score"] for x in lines if x["score"] is not None
@@ -86,25 +91,27 @@ def test_auprc_and_density_bins_recomputed_from_the_score_files(run):
 
 def test_a_rerun_reuses_the_planted_run_and_gives_the_same_summary(run, capsys):
     out = run["out"]
-    before = (out / "validity" / "validity.json").read_text()
+    before = (out / "validity" / "tar" / "validity.json").read_text()
     capsys.readouterr()
     run_interpret(None, None, out, _cfg(), model=run["model"], stream=run["stream"], token_strings=run["strings"],
                   validate=validate)
     said = capsys.readouterr().out + capsys.readouterr().err
-    assert f"records {out / 'validity' / 'planted' / 'records'}: reused" in said
-    assert (out / "validity" / "validity.json").read_text() == before
+    assert f"records {out / 'validity' / 'tar' / 'planted' / 'records'}: reused" in said
+    assert (out / "validity" / "tar" / "validity.json").read_text() == before
 
 
 def test_another_seed_plants_and_records_again(run, tmp_path, capsys):
     """One option changed (the seed): the planted units are drawn again, so their records are recorded again."""
     out = run["out"]
-    old = json.loads((out / "validity" / "validity.json").read_text())["provenance"]["planted_key"]
+    old = json.loads((out / "validity" / "tar" / "validity.json").read_text())["planted"]["key"]
     capsys.readouterr()
     run_interpret(None, None, out, _cfg(seed=1), model=run["model"], stream=run["stream"],
                   token_strings=run["strings"], validate=validate, overwrite=True)
     said = capsys.readouterr().out
-    assert f"records {out / 'validity' / 'planted' / 'records'}: recording again" in said
-    assert json.loads((out / "validity" / "validity.json").read_text())["provenance"]["planted_key"] != old
+    # the old checks went with the scores they were made from (discarded by --overwrite): planted afresh
+    planted = out / "validity" / "tar" / "planted"
+    assert "will be discarded, --overwrite" in said and f"{planted}/scores/tar: 0 of 44 neurons reused" in said
+    assert json.loads((out / "validity" / "tar" / "validity.json").read_text())["planted"]["key"] != old
 
 
 def test_the_report_leads_with_the_section_and_does_not_count_the_planted_run(run, tmp_path):
@@ -113,6 +120,28 @@ def test_the_report_leads_with_the_section_and_does_not_count_the_planted_run(ru
     index = write_report([run["out"]], tmp_path / "report").read_text()
     assert index.index("## Is the scorer valid?") < index.index("## Interpretability scores")
     assert "indicator-1" in index and "Inputs: 1 interpretability result(s)" in index
+    # checks made from other scores (their key) are not shown beside these
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run["out"], copy)
+    path = copy / "validity" / "tar" / "validity.json"
+    path.write_text(path.read_text().replace(json.loads(path.read_text())["provenance"]["key"], "0" * 64))
+    index = write_report([copy], tmp_path / "report2").read_text()
+    assert "No result was scored with `--validity`" in index and "| indicator-1 |" not in index
+
+
+def test_a_failed_control_is_flagged_in_the_files(run, monkeypatch):
+    """The flag rules wired end to end: with a density threshold above any score, the model is flagged."""
+    from crate.eval.validity import flags
+
+    monkeypatch.setattr(flags, "DENSITY_MIN", 1.01)
+    run_interpret(None, None, run["out"], _cfg(), model=run["model"], stream=run["stream"],
+                  token_strings=run["strings"], validate=validate, overwrite=True)  # after the seed-1 test
+    v = json.loads((run["out"] / "validity" / "tar" / "validity.json").read_text())
+    assert [f["flag"] for f in v["flags"]] == ["density"] and v["not_evaluated"] == []
+    assert "- density: token-determined units planted at this model's median" in (
+        run["out"] / "validity" / "tar" / "validity.md").read_text()
 
 
 def test_compare_and_cli_flag_verdicts_and_reweight_by_density(data_dir, tmp_path, capsys, one_thread):
@@ -132,17 +161,15 @@ def test_compare_and_cli_flag_verdicts_and_reweight_by_density(data_dir, tmp_pat
                  "--controls", "--validity", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "at one activation-density mix" in printed and "validity/" in printed
-    assert (out / "crate" / "validity" / "validity.json").exists() and not (out / "crate-control" / "validity").exists()
+    assert (out / "crate" / "validity" / "tar" / "validity.json").exists() and not (out / "crate-control" / "validity").exists()
     c = json.loads((out / "summary.json").read_text())["comparison"]["crate - gpt"]
     assert isinstance(c["flags"], list) and all({"flag", "reason"} == set(f) for f in c["flags"])
     # the reweighted difference by hand: per density bin both populate, the pooled share times the mean difference
     edges = [0, 0.01, 0.05, 0.2, 0.5, 1.0]
     units = {}
     for arch in ("crate", "gpt"):
-        rec = LayerRecording.load(out / arch / "records" / "0" / "cache.npz")
         lines = [json.loads(x) for x in (out / arch / "scores" / "tar" / "0.jsonl").read_text().splitlines()]
-        units[arch] = [(rec.active_count[x["neuron"]] / rec.n_tokens, x["score"]) for x in lines
-                       if x["score"] is not None]
+        units[arch] = [(_random_share(x), x["score"]) for x in lines if x["score"] is not None]
     binned = {a: [[s for f, s in u if lo <= f < hi or (hi == 1.0 and f == 1.0)] for lo, hi in zip(edges, edges[1:])]
               for a, u in units.items()}
     used = [k for k in range(5) if binned["crate"][k] and binned["gpt"][k]]

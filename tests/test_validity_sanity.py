@@ -211,3 +211,18 @@ def test_explanation_level_checks_on_token_statistics():
     # the units are never active on random records: random correlation undefined everywhere, no verdict
     assert expl["random_correlation"]["n"] == 0 and out["passes"]["random_correlation"] is None
     assert "detection" not in out["label"] and any("1 of 9 explanations are free text" in x for x in out["notes"])
+
+
+def test_a_draw_that_removes_nothing_is_drawn_again_and_nothing_to_remove_is_untestable():
+    """One active token that the explanation predicts: a coin flip would keep it half the time and test nothing, so
+    the draw is repeated until it goes (every metric then drops). An explanation predicting none of the unit's active
+    tokens has no true label to lose: it is untestable for "missing", counted apart, not a failure."""
+    ids = ["top:0", "random:0"]
+    hit = _line(0, [[0, 8.0, 0, 0], [0, 0, 0, 0]], [[0, 10.0, 0, 0], [0, 0, 0, 0]], ids)
+    miss = _line(1, [[0, 8.0, 0, 0], [0, 0, 0, 0]], [[10.0, 0, 0, 0], [0, 0, 0, 0]], ids)
+    out = sanity_checks([hit, miss], seed=0)
+    for k in ("correlation", "auprc", "f1", "iou", "cosine"):
+        row = out["label"][k]
+        assert row["missing"] == 100.0 and row["untestable"]["missing"] == 1, k  # hit tested and dropped; miss apart
+    assert np.array_equal(missing_labels(np.array([10.0, 0]), np.random.default_rng(0), true=np.array([False, True])),
+                          [10.0, 0])  # nothing true to remove: unchanged

@@ -82,8 +82,8 @@ Output layout (everything is plain JSON / JSONL / NPZ)
                                              (scores are correlations, NOT x100; NaN is written as null)
     <out>/summary.md                         the same as a Markdown table (x100)
     <out>/llm_cache.sqlite                   disk cache of every LLM call (key: model identity, prompt, parameters)
-    <out>/validity/                          with a `validate` (crate interpret --validity): the scorer's checks on
-                                             this run, crate.eval.validity.run's layout
+    <out>/validity/<protocol>/               with a `validate` (crate interpret --validity): the scorer's checks on
+                                             this run, crate.eval.validity.run's layout (discarded with its scores)
 
 Several models (crate.eval.autointerp.compare.run_compare, or `crate interpret -c crate=DIR gpt=DIR [--controls]`):
 each model gets <out>/<name>/ with the layout above (random-init controls: <out>/<name>-control/), and
@@ -256,6 +256,8 @@ def execute_plan(plan: InterpretPlan, validate: Validate | None = None) -> dict[
     cfg, out = plan.cfg, plan.out
     for path in plan.discard:
         shutil.rmtree(path, ignore_errors=True)
+        if path.parent == out / "scores":  # the scorer's checks made from those scores go with them
+            shutil.rmtree(out / "validity" / path.name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     records_dir = out / plan.protocol.records
     scores_dir = out / "scores" / plan.protocol.name

@@ -55,9 +55,12 @@ def summary_markdown(models: dict[str, dict[str, Any]], comparison: dict[str, An
                          f"({'paired' if c['paired'] else 'unpaired'} bootstrap over neurons)")
             if c.get("density_reweighted"):
                 d = c["density_reweighted"]
-                lines.append(f"- at one activation-density mix (units pooled over layers, reweighted per density bin):"
-                             f" difference x100 {f(d['difference'])} [{f(d['ci95'][0])}, {f(d['ci95'][1])}], raw "
-                             f"{f(d['raw_difference'])}")
+                dropped = ", ".join(f"{100 * b['bin'][0]:g}-{100 * b['bin'][1]:g}% ({b['n_a']} vs {b['n_b']} units)"
+                                    for b in d["bins_dropped"] if b["n_a"] or b["n_b"])
+                lines.append(f"- at one activation-density mix (the units of the layers used, pooled, reweighted per "
+                             f"density bin): difference x100 {f(d['difference'])} [{f(d['ci95'][0])}, "
+                             f"{f(d['ci95'][1])}]; the same units unweighted {f(d['raw_difference'])}"
+                             + (f"; bins only one model populates, left out: {dropped}" if dropped else ""))
             lines += [f"- flagged ({fl['flag']}): {fl['reason']}" for fl in c.get("flags") or []]
     return "\n".join(lines) + "\n"
 

@@ -42,7 +42,8 @@ class ModelResult:
     measures: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> measure -> value
     summary: dict[str, Any] = field(default_factory=dict)
     summary_path: Path | None = None  # the summary.json read (its own, else its folder's: run_compare's)
-    validity: dict[str, Any] = field(default_factory=dict)  # <path>/validity/validity.json (crate.eval.validity.run)
+    # protocol -> <path>/validity/<protocol>/validity.json (crate.eval.validity.run), when made from these scores
+    validity: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -216,8 +217,10 @@ def load_model_result(path: Path) -> ModelResult:
         name=entry.get("name") or path.name, path=path, arch=str(arch), size=size_label(config, metadata),
         n_layer=config.get("n_layer"), random_init=random_init, scorer=scorer_label(provenance),
     )
+    protocol_dir: dict[str, str] = {}
     for pdir in sorted(p for p in (path / "scores").iterdir() if p.is_dir()):
         protocol = canonical_protocol(pdir.name)
+        protocol_dir[protocol] = pdir.name
         layers = {f.stem: read_scores(f) for f in sorted(pdir.glob("*.jsonl"))}
         check_one_provenance(pdir, [row for rows in layers.values() for row in rows])
         if layers:
@@ -227,7 +230,11 @@ def load_model_result(path: Path) -> ModelResult:
         if summary:
             result.summary, result.summary_path = summary, candidate.resolve()
             break
-    result.validity = read_json(path / VALIDITY / "validity.json")
+    for protocol, layers in result.scores.items():
+        v = read_json(path / VALIDITY / protocol_dir[protocol] / "validity.json")
+        key = next((r.get("provenance") or {} for rows in layers.values() for r in rows), {}).get("key")
+        if v and (v.get("provenance") or {}).get("key") == key:  # checks of other scores (replaced since): not these
+            result.validity[protocol] = v
     model_summary = _summary_for(result.summary, result.name, path.name)
     for layer, info in (model_summary.get("layers") or {}).items():
         flat = _flatten_numbers(info.get("measures") or {}) if isinstance(info, dict) else {}

@@ -4,37 +4,37 @@ CRATE - GPT verdicts included (crate.eval.validity.flags)."""
 
 from __future__ import annotations
 
-import math
-
+from crate.eval.report.aggregate import difference
 from crate.eval.report.reproduction_tables import model_groups
 from crate.eval.report.results import ModelResult
 from crate.eval.validity.flags import comparison_flags
 from crate.eval.validity.report import layers_table, planted_table, sanity_table
 
 
-def _aggregate(r: ModelResult) -> float:
-    summary = r.summary if isinstance(r.summary.get("aggregate"), dict) else (r.summary.get("models") or {}).get(
-        r.name) or {}
-    mean = (summary.get("aggregate") or {}).get("mean")
-    return mean if isinstance(mean, (int, float)) else math.nan
-
-
 def verdict_flags(results: list[ModelResult]) -> list[str]:
-    """The flags of each CRATE - GPT (and GPT-SAE) verdict of the main table whose models were validated."""
+    """The flags of each CRATE - GPT (and GPT-SAE - GPT) verdict of the main table, per protocol and scorer: flagged,
+    not flagged, or not evaluated (a model scored without --validity)."""
     out = []
     for (size, protocol, scorer), by_arch in model_groups(results).items():
         for arch in [a for a in by_arch if a != "gpt"]:
             a, b = by_arch[arch], by_arch.get("gpt")
-            if b is None or not a.validity or not b.validity:
+            if b is None:
                 continue
-            for f in comparison_flags(a.validity, b.validity, _aggregate(a) - _aggregate(b), (arch, "gpt")):
-                out.append(f"- {size} {protocol} ({scorer}) {arch} - gpt flagged ({f['flag']}): {f['reason']}")
+            what = f"{size} {protocol} ({scorer}) {arch} - gpt"
+            va, vb = a.validity.get(protocol), b.validity.get(protocol)
+            if not va or not vb:
+                missing = " and ".join(r.name for r, v in ((a, va), (b, vb)) if not v)
+                out.append(f"- {what}: not evaluated ({missing} scored without --validity)")
+                continue
+            d = difference(a, b, protocol, n_boot=1)["difference"] / 100  # the main table's point estimate
+            flags = comparison_flags(va, vb, d, (arch, "gpt"))
+            out += [f"- {what} flagged ({f['flag']}): {f['reason']}" for f in flags] or [f"- {what}: no flag"]
     return out
 
 
 def validity_section(results: list[ModelResult]) -> list[str]:
     """The section's lines; one line saying how to get it when no result was validated."""
-    checked = [r for r in results if r.validity]
+    checked = [(r, protocol, v) for r in results for protocol, v in r.validity.items()]
     lines = ["## Is the scorer valid?", ""]
     if not checked:
         return lines + ["No result was scored with `--validity` (`crate interpret --validity`; the demo does it): "
@@ -42,15 +42,12 @@ def validity_section(results: list[ModelResult]) -> list[str]:
     lines += ["Units of known behaviour written at each model's neurons on its own tokens and scored by the same "
               "explainer and simulator (planted), NeuronEval's sanity checks on the model's own explanations, and "
               "who each layer mean counts (crate.eval.validity).", ""]
-    for r in checked:
-        v = r.validity
-        lines += [f"### {r.label}", "", *planted_table(v["planted"]), *layers_table(v["layers"]),
+    for r, protocol, v in checked:
+        lines += [f"### {r.label}, {protocol}", "", *planted_table(v["planted"]), *layers_table(v["layers"]),
                   *sanity_table(v["sanity"])]
         lines += [f"- flagged ({f['flag']}): {f['reason']}" for f in v.get("flags") or []] or ["No flags."]
         lines.append("")
-    flags = verdict_flags(results)
-    lines += ["Verdicts:", "", *(flags or ["No CRATE - GPT verdict flagged."]), ""]
-    return lines
+    return lines + ["Verdicts:", "", *verdict_flags(results), ""]
 
 
 __all__ = ["validity_section", "verdict_flags"]

@@ -3,6 +3,7 @@ intervals, the differences between systems, the spread across layers, controls, 
 
     <out>/index.md                        everything below, verdicts first
     <out>/tables/verdicts.{md,csv,tex}    one row per claim of the paper at these sizes: holds / reversed / not resolved
+    <out>/tables/validity.{md,csv,tex}    is the scorer valid? planted units through each scorer, systems' flags
     <out>/tables/systems.{md,csv,tex}     CRATE, GPT, GPT-SAE: estimate, seed-aware, bootstrap and seed-0 95% intervals
     <out>/tables/differences.{md,csv,tex} CRATE - GPT, GPT-SAE - GPT, CRATE - GPT-SAE, with both intervals
     <out>/tables/layer_variance.*         the population variance of the per-layer means, CRATE against GPT
@@ -33,6 +34,7 @@ import numpy as np
 from crate.eval.report.plots import plot_depth
 from crate.eval.report.study_claims import verdicts_table
 from crate.eval.report.study_scores import Collected, unit_sizes
+from crate.eval.report.study_validity import validity_table
 from crate.eval.report.study_tables import (
     controls_table, differences_table, llm_table, measures_table, systems_table, val_loss_table, variance_table,
 )
@@ -85,6 +87,7 @@ def write_study_report(out: Path, opts: Any, units: list[Any], timings: dict[str
     (out / "tables").mkdir(exist_ok=True)
     (out / "plots").mkdir(exist_ok=True)
     tables = {"verdicts": verdicts_table(collected, sizes, opts.sae, opts.match, n_boot, seed),
+              "validity": validity_table(collected, sizes),
               "systems": systems_table(collected, sizes, collected.systems, n_boot, seed),
               "differences": differences_table(collected, sizes, collected.systems, n_boot, seed),
               "layer_variance": variance_table(collected, sizes, n_boot, seed),
@@ -147,7 +150,8 @@ def _write_index(out: Path, units: list[Any], timings: dict[str, Any], command: 
     md += ["", f"Settings: {json.dumps(settings)}", ""]
     md += ["Parameters: " + "; ".join(f"{u.size} CRATE {u.params['crate']:,} (n_hidden {u.n_hidden['crate']}) vs GPT "
                                       f"{u.params['gpt']:,}" for u in units if u.seed == first_seed), ""]
-    for stem in ("verdicts", "systems", "differences", "layer_variance", "controls", "measures", "val_loss", "llm_sample"):
+    for stem in ("verdicts", "validity", "systems", "differences", "layer_variance", "controls", "measures", "val_loss",
+                 "llm_sample"):
         t = tables[stem]
         if not t.rows:
             continue

@@ -51,6 +51,7 @@ class Collected:
         self.runs: dict[tuple[str, str, str, str, str], Runs] = {}
         self.measures: dict[tuple[str, str], list[dict[str, dict[str, float]]]] = {}
         self.inputs: list[dict[str, Any]] = []
+        self.validity: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}  # (kind, size, system, protocol)
         self._compared: dict[tuple, dict[str, Any]] = {}
         for unit in units:
             for system in self.systems:
@@ -75,6 +76,8 @@ class Collected:
                     model_runs(result, protocol, metric))
         if kind == "trained":
             self.measures.setdefault((unit.size, system), []).append(result.measures)
+        for protocol, v in result.validity.items():  # per seed
+            self.validity.setdefault((kind, unit.size, system, protocol), []).append(v)
         self.inputs.append({"kind": kind, "seed": unit.seed, "size": unit.size, "system": system, "path": str(folder),
                             "key": (result.summary.get("provenance") or {}).get("key")})
 

@@ -9,8 +9,9 @@ the population explicit:
   their neuron ids (dead and always-on as crate.eval.record.measures defines them).
 - `layer_means(lines, dead)`: the layer mean over scored units and with dead units counted as 0; a verdict names
   the one it uses.
-- `activation_density(rec)`, `density_bins(freq, scores)`: scores tabulated by activation density (the fraction
-  of tokens where a unit is > 0), since a dense unit and a rare one are scored on very different records.
+- `active_share(line)`, `density_bins(freq, scores)`: scores tabulated by activation density (the share of the
+  uniformly sampled tokens where the unit is active as the scorer labels it), since a dense unit and a rare one
+  are scored on very different records.
 - `density_reweighted(a, b)`: the difference of two systems' means with both reweighted to the same density
   distribution, so that a difference in density mix does not pass for a difference in interpretability.
 """
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from crate.eval.autointerp.scoring import RANDOM_PREFIX, active_tokens
 from crate.eval.record.measures import layer_measures
 from crate.eval.record.recorder import LayerRecording
 from crate.eval.stats.neurons import bootstrap_ci
@@ -40,9 +42,13 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else math.nan
 
 
-def activation_density(rec: LayerRecording) -> dict[int, float]:
-    """{neuron: fraction of the recorded tokens where it is > 0}."""
-    return {i: float(c) / rec.n_tokens for i, c in enumerate(rec.active_count)}
+def active_share(line: Mapping[str, Any]) -> float:
+    """The share of a line's uniformly sampled (random:*) scoring tokens where the unit is active as the scorer
+    labels it (normalised activation >= 1: crate.eval.autointerp.scoring.active_tokens): its activation density as
+    the scorer sees it (> 0 would count a GELU or ReLU unit's tiny values); NaN without random records."""
+    keep = [i for i, rid in enumerate(line["record_ids"]) if rid.startswith(RANDOM_PREFIX)]
+    flags = [x for i in keep for x in active_tokens([line["true_activations"][i]], float(line["max_activation"]))[0]]
+    return float(np.mean(flags)) if flags else math.nan
 
 
 def unit_counts(rec: LayerRecording, lines: Sequence[Mapping[str, Any]], rare: float = 1e-3) -> dict[str, Any]:
@@ -58,7 +64,7 @@ def unit_counts(rec: LayerRecording, lines: Sequence[Mapping[str, Any]], rare: f
     by_neuron = {int(ln["neuron"]): ln for ln in lines}
 
     def sampled_zero(ln: Mapping[str, Any]) -> bool:
-        rand = [a for rid, a in zip(ln["record_ids"], ln["true_activations"]) if rid.startswith("random:")]
+        rand = [a for rid, a in zip(ln["record_ids"], ln["true_activations"]) if rid.startswith(RANDOM_PREFIX)]
         return bool(rand) and all(v <= 0 for acts in rand for v in acts)
 
     ids = {
@@ -102,7 +108,7 @@ def _binned(freq: Mapping[int, float], scores: Mapping[int, float], edges: Seque
 def density_bins(freq: Mapping[int, float], scores: Mapping[int, float], edges: Sequence[float] = DENSITY_EDGES,
                  n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
     """Finite scores by activation-density bin: [{"bin": [lo, hi], "n", "mean", "ci95" (bootstrap over units)}].
-    `freq` and `scores` map neuron ids to density (`activation_density`) and score; units in only one are left out."""
+    `freq` and `scores` map neuron ids to density (`active_share`) and score; units in only one are left out."""
     return [{"bin": [float(edges[k]), float(edges[k + 1])], "n": int(len(v)), "mean": _mean(v),
              "ci95": list(bootstrap_ci(v, n_boot=n_boot, seed=seed))}
             for k, v in enumerate(_binned(freq, scores, edges))]
@@ -139,5 +145,5 @@ def density_reweighted(a: tuple[Mapping[int, float], Mapping[int, float]],
             "raw_difference": _mean(all_a) - _mean(all_b)}
 
 
-__all__ = ["DENSITY_EDGES", "line_score", "activation_density", "unit_counts", "layer_means", "density_bins",
+__all__ = ["DENSITY_EDGES", "line_score", "active_share", "unit_counts", "layer_means", "density_bins",
            "density_reweighted"]

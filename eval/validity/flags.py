@@ -5,8 +5,11 @@ estimands); a comparison's from both models' summaries and the measured differen
 
 - `indicator`: a one-key indicator is perfectly explained by a token-level explanation; a scorer that gives it
   less than INDICATOR_MIN (0.95, x100 = 95) cannot be trusted to rank anything on this data.
-- `noise`: noise has nothing to explain; when its planted units' interval lies wholly above NOISE_MAX (0.1) the
-  scorer rewards something other than the explanation (chance overlap of few records, say).
+- `noise`: noise has nothing to explain; when its planted units' interval (two units or more) lies wholly above
+  NOISE_MAX (0.1) the scorer rewards something other than the explanation (chance overlap of few records, say).
+
+A control that could not be read (`unevaluated`: no finite score, or one unit where an interval is needed) gives no
+flag, and is listed, so that no flag is never mistaken for a pass.
 - `density`: a perfectly token-determined unit planted at the model's own median activation density should score
   near the top; below DENSITY_MIN (0.5) the scores at this density measure density at least as much as
   explanation quality (the stats scorer gives such units about 0.86, 0.72 and 0.52 at 2%, 18% and 49% density).
@@ -49,7 +52,7 @@ def model_flags(validity: Mapping[str, Any]) -> list[dict[str, str]]:
                       f"{100 * INDICATOR_MIN:.0f}): the scorer does not recover a perfectly explainable unit here"})
     for family in ("noise-dense", "noise-sparse"):
         lo = (_family(validity, family).get("ci95") or [None])[0]
-        if _finite(lo) and lo > NOISE_MAX:
+        if _family(validity, family).get("n", 0) >= 2 and _finite(lo) and lo > NOISE_MAX:
             flags.append({"flag": "noise", "reason": f"planted {family} units score above {100 * NOISE_MAX:.0f} "
                           f"(95% interval from {100 * lo:.1f}): the scorer rewards more than the explanation"})
     own = _family(validity, OWN_DENSITY).get("mean")
@@ -59,6 +62,17 @@ def model_flags(validity: Mapping[str, Any]) -> list[dict[str, str]]:
                       f"activation density ({100 * density:.0f}% of tokens) score {100 * own:.1f} (< "
                       f"{100 * DENSITY_MIN:.0f}): its scores measure density as much as explanation quality"})
     return flags
+
+
+def unevaluated(validity: Mapping[str, Any]) -> list[str]:
+    """The model's controls that could not be read (no finite score, or one unit where an interval is needed): no
+    flag from them is not a pass."""
+    out = []
+    for family, need in (("indicator-1", 1), (OWN_DENSITY, 1), ("noise-dense", 2), ("noise-sparse", 2)):
+        n = _family(validity, family).get("n", 0)
+        if n < need:
+            out.append(f"{family}: {n} unit(s) with a finite score, {need} needed")
+    return out
 
 
 def _dead_share(validity: Mapping[str, Any]) -> float:
@@ -93,4 +107,4 @@ def comparison_flags(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None, d
 
 
 __all__ = ["INDICATOR_MIN", "NOISE_MAX", "DENSITY_MIN", "CONFOUNDED_SHARE", "POPULATION_GAP", "OWN_DENSITY",
-           "model_flags", "comparison_flags"]
+           "model_flags", "unevaluated", "comparison_flags"]

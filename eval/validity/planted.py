@@ -109,6 +109,7 @@ class PlantedModel(nn.Module):
         self.register_buffer("noise_dense", noise_dense)  # (K,) weight of the uniform noise
         self.register_buffer("noise_rate", noise_rate)  # (K,) rate of the sparse 0/1 noise
         self.planted_identity = identity
+        self.skipped: dict[str, str] = dict(identity.get("skipped") or {})  # family -> why it was not planted
         self.units: list[PlantedUnit] = []
 
     @property
@@ -167,9 +168,18 @@ class PlantedModel(nn.Module):
     def num_params(self) -> int:
         return int(self.base.num_params())
 
-    def reset_parameters(self) -> None:
-        """The random-init control re-initialises the base; the planted units stay as planted."""
-        self.base.reset_parameters()
+
+def _indicator_pool(count: Counter, n_tokens: int) -> list[str]:
+    """The keys an indicator may use: 10+ occurrences (in every top record TaR uses), on at most 2% of tokens."""
+    return sorted(k for k, c in count.items() if c >= INDICATOR_MIN_COUNT and c / n_tokens <= INDICATOR_MAX_FREQ)
+
+
+def _unplantable(families: Sequence[str], count: Counter, n_tokens: int) -> dict[str, str]:
+    """family -> why it cannot be planted on these tokens (indicators need enough keys of moderate frequency)."""
+    pool = len(_indicator_pool(count, n_tokens))
+    return {f: (f"needs {INDICATOR_KEYS[f]} of the token keys that occur {INDICATOR_MIN_COUNT}+ times and on at most "
+                f"{INDICATOR_MAX_FREQ:.0%} of the recorded tokens; the {n_tokens:,} recorded tokens have {pool}: record "
+                f"more tokens") for f in families if f in INDICATOR_KEYS and pool < INDICATOR_KEYS[f]}
 
 
 def _draw_keys(family: str, rng: np.random.Generator, count: Counter, n_tokens: int,
@@ -177,13 +187,8 @@ def _draw_keys(family: str, rng: np.random.Generator, count: Counter, n_tokens: 
     """The (key, value) table of one token-determined or previous-token unit; `count`: key -> recorded tokens."""
     freq = {k: c / n_tokens for k, c in count.items()}
     if family in INDICATOR_KEYS:
-        need = INDICATOR_KEYS[family]
-        pool = sorted(k for k in freq if count[k] >= INDICATOR_MIN_COUNT and freq[k] <= INDICATOR_MAX_FREQ)
-        if len(pool) < need:
-            raise CrateError(f"{family} needs {need} of the token keys that occur {INDICATOR_MIN_COUNT}+ times and "
-                             f"on at most {INDICATOR_MAX_FREQ:.0%} of the recorded tokens; the {n_tokens:,} "
-                             f"recorded tokens have {len(pool)}: record more tokens or leave {family} out")
-        return {pool[i]: 1.0 for i in sorted(rng.choice(len(pool), size=need, replace=False))}
+        pool = _indicator_pool(count, n_tokens)
+        return {pool[i]: 1.0 for i in sorted(rng.choice(len(pool), size=INDICATOR_KEYS[family], replace=False))}
     target = own_density if family == OWN_DENSITY else LOOKUP_DENSITY.get(family, PREVIOUS_DENSITY)
     chosen, total = [], 0.0
     order = sorted(freq)
@@ -214,21 +219,18 @@ def _describe(family: str, keys: dict[str, float], seed: int) -> str:
 
 def plant_units(model: nn.Module, stream: np.ndarray, token_strings: Sequence[str], n_tokens: int | None,
                 seq_len: int, *, layer: int = 0, families: Sequence[str] = FAMILIES, replicates: int = 4,
-                seed: int = 0, own_density: float | None = None) -> PlantedModel:
+                seed: int = 0, own_density: float | None = None, strict: bool = True) -> PlantedModel:
     """`model` with `replicates` units of each family planted over layer `layer`'s first neurons (family-major, in
-    FAMILIES order, then OWN_DENSITY's lookup units at `own_density` when it is given). Keys and densities are measured on the tokens a recording of `n_tokens` tokens in sequences of
-    `seq_len` reads (as run_interpret records them). A unit's draws depend only on (seed, family, replicate)."""
+    FAMILIES order, then OWN_DENSITY's lookup units at `own_density` when it is given). Keys and densities are
+    measured on the tokens a recording of `n_tokens` tokens in sequences of `seq_len` reads (as run_interpret records them). A unit's draws depend only on (seed, family, replicate).
+    A family these tokens cannot carry (too few keys for an indicator) is refused, or with `strict=False` left out
+    and named with the reason in `model.skipped`."""
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or not families or replicates < 1:
         raise CrateError(f"planted families must be some of {list(FAMILIES)} and replicates >= 1; got "
                          f"{list(families)}, replicates={replicates}")
     if own_density is not None and not 0 < own_density <= 1:
         raise CrateError(f"own_density is a fraction of tokens in (0, 1], got {own_density}")
-    families = [f for f in FAMILIES if f in families] + ([OWN_DENSITY] if own_density is not None else [])
-    K, width = len(families) * replicates, int(model.n_neurons)
-    if K > width:
-        raise CrateError(f"{len(families)} families x {replicates} replicates = {K} planted units, but layer {layer} "
-                         f"has only {width} neurons: plant fewer replicates or families, or use a wider model")
     if not 0 <= layer < model.config.n_layer:
         raise CrateError(f"layer {layer} out of range: the model has {model.config.n_layer} layers")
     T, n_used = recorded_tokens(len(stream), RecordingSpec(n_tokens=n_tokens, seq_len=seq_len),
@@ -242,6 +244,15 @@ def plant_units(model: nn.Module, stream: np.ndarray, token_strings: Sequence[st
         raise CrateError(f"the stream has token id {ids.max()}, past the {len(key_idx)} token strings given")
     counts = np.bincount(key_idx[ids], minlength=len(names))
     count = Counter({str(names[j]): int(c) for j, c in enumerate(counts) if c})
+    skipped = _unplantable(families, count, n_used)
+    if skipped and strict:
+        raise CrateError("; ".join(f"{f} {why}" for f, why in skipped.items()) + ", or leave them out")
+    families = [f for f in FAMILIES if f in families and f not in skipped] + (
+        [OWN_DENSITY] if own_density is not None else [])
+    K, width = len(families) * replicates, int(model.n_neurons)
+    if K > width:
+        raise CrateError(f"{len(families)} families x {replicates} replicates = {K} planted units, but layer {layer} "
+                         f"has only {width} neurons: plant fewer replicates or families, or use a wider model")
 
     token_table, prev_table = torch.zeros(V, K), torch.zeros(V, K)
     pos_weight, noise_dense, noise_rate = torch.zeros(K), torch.zeros(K), torch.zeros(K)
@@ -266,7 +277,7 @@ def plant_units(model: nn.Module, stream: np.ndarray, token_strings: Sequence[st
                 (prev_table if family == "previous-token" else token_table)[: len(key_idx), n] = torch.from_numpy(
                     by_key[key_idx])
             drawn.append((family, r, keys, int(noise_seed[n])))
-    identity = {"families": list(families), "replicates": replicates, "seed": seed, "layer": layer, "n_units": K,
+    identity = {"families": list(families), "skipped": skipped, "replicates": replicates, "seed": seed, "layer": layer, "n_units": K,
                 "densities_asked": {**LOOKUP_DENSITY, "previous-token": PREVIOUS_DENSITY, "noise-sparse": SPARSE_RATE,
                                     **({OWN_DENSITY: own_density} if own_density is not None else {})}}
     dev = next(model.parameters()).device

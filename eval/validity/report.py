@@ -97,7 +97,12 @@ def validity_markdown(summary: Mapping[str, Any]) -> str:
              "## Scores by activation density", "", *density_table(summary["layers"]),
              "## Sanity checks (NeuronEval: a sound metric drops for missing and for extra labels)", "",
              *sanity_table(summary["sanity"]), "## Flags", ""]
-    lines += [f"- {f['flag']}: {f['reason']}" for f in summary["flags"]] or ["None: the scorer passes its controls here."]
+    lines += [f"- {f['flag']}: {f['reason']}" for f in summary["flags"]]
+    lines += [f"- not evaluated: {x}" for x in summary.get("not_evaluated") or []]
+    lines += [f"- {x}" for x in summary["planted"].get("notes") or []]
+    if not summary["flags"]:
+        lines.append("No flag" + (": the scorer passes the controls it could be given here." if not
+                                  summary.get("not_evaluated") else " from the controls that could be read."))
     return "\n".join(lines) + "\n"
 
 

@@ -107,10 +107,15 @@ def relative_change(metric: str, before: float, after: float) -> float:
 def missing_labels(concept: np.ndarray, rng: np.random.Generator, r_minus: float = R_MINUS,
                    true: np.ndarray | None = None) -> np.ndarray:
     """Each positive token (of those where `true`, when given: the unit's active tokens) kept with probability
-    r_minus, else set to 0."""
+    r_minus, else set to 0; drawn again until one is dropped (over a whole dataset some always are: a draw that
+    drops none tests nothing)."""
     pos = _binary(concept) & (True if true is None else true)
-    dropped = pos & (rng.random(concept.shape) >= r_minus)
-    return np.where(dropped, 0.0, concept)
+    if not pos.any():
+        return concept.copy()
+    while True:
+        dropped = pos & (rng.random(concept.shape) >= r_minus)
+        if dropped.any():
+            return np.where(dropped, 0.0, concept)
 
 
 def extra_labels(concept: np.ndarray, rng: np.random.Generator, r_plus: float = R_PLUS,
@@ -181,7 +186,10 @@ def _label_trial(u: _Unit, draws: int) -> Trial | None:
     if not 0 < pos.sum() < pos.size:
         return None
     mrng, xrng = u.rng(0, 0), u.rng(0, 1)
-    return u.scores(u.c), {"missing": [u.scores(missing_labels(u.c, mrng, true=u.a)) for _ in range(draws)],
+    # no true label to remove (the explanation predicts none of the unit's active tokens): untestable, not a failure;
+    # extras that miss the sample are a failure (the sampled metric cannot see what the data gained)
+    missing = [u.scores(missing_labels(u.c, mrng, true=u.a)) for _ in range(draws)] if (pos & u.a).any() else []
+    return u.scores(u.c), {"missing": missing,
                            "extra": [u.scores(extra_labels(u.c, xrng, false=~u.a, rate_on=u.s))
                                      for _ in range(draws)]}
 
@@ -212,15 +220,19 @@ def _explanation_trial(u: _Unit, simulator: Simulator, draws: int) -> Trial | No
 
 def _tally(trials: list[Trial]) -> dict[str, dict[str, Any]]:
     """Per metric: each check's % of tested units that decrease, n tested, undefined (left out: undefined on the
-    original) and undefined_after (tested units whose perturbed score is undefined: counted as no decrease)."""
+    original), untestable (left out of a check: nothing it could perturb) and undefined_after (tested units whose
+    perturbed score is undefined: counted as no decrease)."""
     out: dict[str, dict[str, Any]] = {}
     for name in trials[0][0]:
         tested = [(before[name], after) for before, after in trials if math.isfinite(before[name])]
-        row: dict[str, Any] = {"n": len(tested), "undefined": len(trials) - len(tested), "undefined_after": {}}
+        row: dict[str, Any] = {"n": len(tested), "undefined": len(trials) - len(tested), "undefined_after": {},
+                               "untestable": {}}
         for check in CHECKS:
-            diffs = [float(np.mean([relative_change(name, b, a[name]) for a in after[check]])) for b, after in tested]
+            diffs = [float(np.mean([relative_change(name, b, a[name]) for a in after[check]]))
+                     for b, after in tested if after[check]]
             row[check] = 100.0 * float(np.mean([d < -EPSILON for d in diffs])) if diffs else None
             row["undefined_after"][check] = sum(not math.isfinite(d) for d in diffs)
+            row["untestable"][check] = len(tested) - len(diffs)
         out[name] = row
     return out
 
