@@ -121,6 +121,9 @@ class _Judge:
     def detect(self, explanation, token_lists):
         return [1.0] * len(token_lists)
 
+    def intruder(self, questions, marks):
+        return [[0.0] * len(q) for q in questions]
+
     def fuzz(self, explanation, token_lists, marks):
         self.shown = [list(m) for m in marks]
         return [1.0 if list(m) in self.true_marks else 0.0 for m in marks]

@@ -20,7 +20,8 @@ from crate.eval.record.recorder import RecordingSpec
 
 # 2: a constant prediction of a varying neuron scores 0 (was NaN); fuzzing's wrong marks only on inactive tokens
 # 3: the lines gain auprc and random_score (with their notes), the scores that pass NeuronEval's sanity checks
-RESULTS_VERSION = 3
+# 4: and intruder, intruder_chance (EleutherAI delphi's intruder score: crate.eval.autointerp.intruder)
+RESULTS_VERSION = 4
 
 
 def model_identity(model: Any, control: bool, seed: int) -> dict[str, Any]:

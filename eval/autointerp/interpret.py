@@ -65,7 +65,10 @@ Output layout (everything is plain JSON / JSONL / NPZ)
                                              level), auprc_lift ((auprc - chance) / (1 - chance): 0 at chance),
                                              random_score (the pooled correlation over the random:* records only; NaN
                                              with random_score_note, "never sampled" when the unit is zero on all of
-                                             them), detection, fuzzing (balanced accuracy,
+                                             them), intruder (delphi's intruder score: the judge's accuracy at
+                                             naming an inactive random record among active ones, no explanation;
+                                             NaN without such records: crate.eval.autointerp.intruder) and
+                                             intruder_chance (1/5), detection, fuzzing (balanced accuracy,
                                              null when not run), provenance (dict, the same in every line)
     <out>/summary.json                       {"protocol", "layers": {<layer>: {"mean", "ci95": [lo, hi] (bootstrap over
                                              neurons), "ci95_fpc" (finite-population corrected when neurons are a

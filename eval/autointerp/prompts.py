@@ -137,7 +137,55 @@ def fuzzing_prompt(explanation: str, tokens: Sequence[str], marked: Sequence[boo
     ]
 
 
+INTRUDER_PROMPT_VERSION = "crate-intruder-prompt-v1"
+# delphi's intruder prompt (delphi/scorers/classifier/prompts/intruder_prompt.py: its system prompt and its three worked
+# questions, the GPT-2 byte artefacts of their texts undone), as one completion prompt. The answer is "#<digit>": the
+# digit then follows a non-space character, a token of its own (Llama's and SmolLM2's tokenizers split digits).
+_HEADER_INTRUDER = (
+    'You are an intelligent and meticulous linguistics researcher doing an "intruder detection" task.\n\n'
+    'You will then be given several text examples, either full sentences or words. Your task is to determine which '
+    'examples should be classified as "intruder".\nSome sentences will have words highlighted with <<>> tags. '
+    "Do not overthink.\n\nThere is only ever one intruder in the examples.\n\n"
+    "You should write [RESPONSE]: # followed by the index of the intruder.\n\n"
+)
+_INTRUDER_EXAMPLES = [
+    (["Getty Images  Patriots tight end Rob Gronkowski had his boss'",
+      " Media Day 2015  LSU defensive end Isaiah Washington (94) speaks to the",
+      " shown, is generally not eligible for ads. For example, videos about recent tragedies,",
+      " line, with the left side - namely tackle Byron Bell at tackle and guard Amini"], 2),
+    ([' enact an individual health insurance mandate?", Pelosi\'s response was to dismiss both',
+      " climate, Tomblin's Chief of Staff Charlie Lorensen said.",
+      " no wonderworking relics, no true Body and Blood of Christ, no true Baptism",
+      "  It has been devised by Director of Public Prosecutions (DPP)",
+      " and fair investigation not even include the Director of Athletics? Finally, we believe the"], 0),
+    ([" Climbing", " running", " swim", " eating", " cycling"], 3),
+]
+
+
+def highlight(tokens: Sequence[str], marks: Sequence[bool]) -> str:
+    """The text with each run of marked tokens in one pair of <<>> (delphi's `_highlight`), newlines as spaces."""
+    out, inside = [], False
+    for t, m in zip(tokens, marks):
+        if m != inside:
+            out.append("<<" if m else ">>")
+            inside = m
+        out.append(t)
+    return ("".join(out) + (">>" if inside else "")).replace("\n", " ")
+
+
+def _intruder_question(texts: Sequence[str]) -> str:
+    return "Examples:\n\n" + "".join(f"Example #{i}: {t.strip()}\n" for i, t in enumerate(texts)) + "\n[RESPONSE]: #"
+
+
+def intruder_prompt(token_lists: Sequence[Sequence[str]], marks: Sequence[Sequence[bool]]) -> list[str]:
+    """Which record is the intruder? No explanation: the header, delphi's worked questions, then the records
+    (marked, numbered from 0); one slot, where the intruder's index (a digit) comes."""
+    p = _HEADER_INTRUDER + "".join(f"{_intruder_question(texts)}{answer}\n\n" for texts, answer in _INTRUDER_EXAMPLES)
+    return [p + _intruder_question([highlight(t, m) for t, m in zip(token_lists, marks)]), ""]
+
+
 __all__ = [
     "PROMPT_VERSION", "DIGITS", "YES_NO", "normalise", "explain_prompt", "parse_explanation", "explanation_complete",
-    "simulate_pieces", "detection_prompt", "fuzzing_prompt", "show_token",
+    "simulate_pieces", "detection_prompt", "fuzzing_prompt", "show_token", "INTRUDER_PROMPT_VERSION", "highlight",
+    "intruder_prompt",
 ]

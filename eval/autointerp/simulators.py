@@ -3,6 +3,7 @@
     Simulator.simulate(explanation, token_lists) -> list[list[float]]     expected activation per token (0..10)
     Simulator.detect(explanation, token_lists) -> list[float]             P(the text activates the neuron)
     Simulator.fuzz(explanation, token_lists, marks) -> list[float]        P(the marked tokens are the right ones)
+    Simulator.intruder(questions, marks) -> list[list[float]]             P(each choice is the intruder), per question
 
 Optionally `call_many([(method, args), ...]) -> results`: many neurons' calls at once, so that an LLM backend batches
 across neurons (crate.eval.autointerp.schedule's batched schedule; objects without it are called one call at a time).
@@ -22,7 +23,8 @@ import numpy as np
 
 from crate.eval.autointerp.explainers import STATS_PREFIX, shared_llm, token_key
 from crate.eval.autointerp.prompts import (
-    DIGITS, PROMPT_VERSION, YES_NO, detection_prompt, fuzzing_prompt, simulate_pieces,
+    DIGITS, INTRUDER_PROMPT_VERSION, PROMPT_VERSION, YES_NO, detection_prompt, fuzzing_prompt, intruder_prompt,
+    simulate_pieces,
 )
 from crate.eval.autointerp.scoring import expected_value
 
@@ -36,11 +38,15 @@ class Simulator(Protocol):
 
     def fuzz(self, explanation: str, token_lists: Sequence[Sequence[str]], marks: Sequence[Sequence[bool]]) -> list[float]: ...
 
+    def intruder(self, questions: Sequence[Sequence[Sequence[str]]],
+                 marks: Sequence[Sequence[Sequence[bool]]]) -> list[list[float]]: ...
+
 
 class LLMSimulator:
     def __init__(self, llm: Any):
         self.llm = llm
-        self.identity = {"kind": "llm", **llm.identity, "prompt_version": PROMPT_VERSION}
+        self.identity = {"kind": "llm", **llm.identity, "prompt_version": PROMPT_VERSION,
+                         "intruder_prompt_version": INTRUDER_PROMPT_VERSION}
         self.values = [float(v) for v in DIGITS]
 
     def simulate(self, explanation: str, token_lists: Sequence[Sequence[str]]) -> list[list[float]]:
@@ -52,10 +58,16 @@ class LLMSimulator:
     def fuzz(self, explanation: str, token_lists: Sequence[Sequence[str]], marks: Sequence[Sequence[bool]]) -> list[float]:
         return self.call_many([("fuzz", (explanation, token_lists, marks))])[0]
 
+    def intruder(self, questions: Sequence[Sequence[Sequence[str]]],
+                 marks: Sequence[Sequence[Sequence[bool]]]) -> list[list[float]]:
+        """Per question (its records' tokens and marks), the probability of each choice's index, renormalised over
+        the choices (all 0 when the LLM puts no mass on any): crate.eval.autointerp.intruder."""
+        return self.call_many([("intruder", (questions, marks))])[0]
+
     def call_many(self, requests: Sequence[tuple[str, tuple]]) -> list[Any]:
-        """Many (method, args) calls of simulate / detect / fuzz, of many neurons, in one `slot_probs` call (over
-        the digits and Yes / No at once: each candidate's probability is the same whatever the others), so that
-        the backend batches, and shares prefixes, across neurons and kinds of prompt."""
+        """Many (method, args) calls of simulate / detect / fuzz / intruder, of many neurons, in one `slot_probs` call
+        (over the digits and Yes / No at once: each candidate's probability is the same whatever the others), so
+        that the backend batches, and shares prefixes, across neurons and kinds of prompt."""
         prompts: list[list[str]] = []
         spans = []
         for method, args in requests:
@@ -65,16 +77,21 @@ class LLMSimulator:
                 new = [detection_prompt(args[0], t) for t in args[1]]
             elif method == "fuzz":
                 new = [fuzzing_prompt(args[0], t, m) for t, m in zip(args[1], args[2])]
+            elif method == "intruder":
+                new = [intruder_prompt(q, m) for q, m in zip(args[0], args[1])]
             else:
                 raise ValueError(f"a simulator has no method {method!r}")
-            spans.append((method, len(prompts), len(new)))
+            spans.append((method, args, len(prompts), len(new)))
             prompts += new
         probs = self.llm.slot_probs(prompts, DIGITS + YES_NO) if prompts else []
         out = []
-        for method, start, n in spans:
+        for method, args, start, n in spans:
             part = probs[start : start + n]
             if method == "simulate":
                 out.append([[expected_value(row[: len(DIGITS)], self.values) for row in p] for p in part])
+            elif method == "intruder":
+                choices = [p[0, : len(q)] for p, q in zip(part, args[0])]  # the digits 0 .. n - 1
+                out.append([(c / c.sum() if c.sum() > 0 else c).tolist() for c in choices])
             else:
                 yes_no = [p[0, len(DIGITS):] for p in part]
                 out.append([float(p[0] / p.sum()) if p.sum() > 0 else 0.5 for p in yes_no])
@@ -105,6 +122,19 @@ class StatsSimulator:
         for sims, ms in zip(self.simulate(explanation, token_lists), marks):
             marked = [s for s, m in zip(sims, ms) if m]
             out.append(float(np.mean([s > 0 for s in marked])) if marked else 0.0)
+        return out
+
+    def intruder(self, questions: Sequence[Sequence[Sequence[str]]],
+                 marks: Sequence[Sequence[Sequence[bool]]]) -> list[list[float]]:
+        """A deterministic, LLM-free baseline judge, not delphi's (an LLM): it names the record whose marked tokens
+        share the fewest token keys with the other records' marked tokens, summed over the others (ties: the
+        first), with probability 1."""
+        out = []
+        for records, record_marks in zip(questions, marks):
+            keys = [{token_key(t) for t, m in zip(ts, ms) if m} for ts, ms in zip(records, record_marks)]
+            shared = [sum(len(k & o) for j, o in enumerate(keys) if j != i) for i, k in enumerate(keys)]
+            pick = shared.index(min(shared))
+            out.append([float(i == pick) for i in range(len(keys))])
         return out
 
 

@@ -1,6 +1,7 @@
-"""One neuron's scoring, step by step: explain on its explanation records, then simulate, detect and fuzz on its
-scoring records, and score. Written as a generator of LLM requests so that whoever drives it (one neuron at a
-time, or many at once: crate.eval.autointerp.schedule) decides how calls are batched."""
+"""One neuron's scoring, step by step: explain on its explanation records, then simulate, detect, fuzz and ask for
+the intruder (crate.eval.autointerp.intruder: no explanation) on its scoring records, and score. Written as a
+generator of LLM requests so that whoever drives it (one neuron at a time, or many at once:
+crate.eval.autointerp.schedule) decides how calls are batched."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Generator
 from typing import Any
 
 from crate.eval.autointerp.explainers import Explainer, max_activation
+from crate.eval.autointerp.intruder import N_CHOICES, Question, intruder_accuracy, intruder_questions
 from crate.eval.autointerp.protocols import Protocol
 from crate.eval.autointerp.scoring import active_tokens, judge_accuracy, score_simulation
 from crate.eval.autointerp.simulators import Simulator
@@ -62,8 +64,9 @@ def fuzzing_request(explanation: str, tokens: list[list[str]], active: list[list
 def neuron_steps(windows: dict[str, Any], protocol: Protocol, seed: int = 0,
                  extra_scores: bool = True) -> Generator[list[Request], list[Any], dict[str, Any]]:
     """`score_neuron` as a generator: it yields the LLM calls it needs next (the explanation, then simulation,
-    detection and fuzzing together), receives their results, and returns the JSONL line's fields. Whoever drives
-    it decides how calls are batched: one neuron at a time (`score_neuron`) or many at once (`score_many`)."""
+    detection, fuzzing and the intruder questions together), receives their results, and returns the JSONL line's
+    fields. Whoever drives it decides how calls are batched: one neuron at a time (`score_neuron`) or many at once
+    (`score_many`)."""
     explain_recs, score_recs = protocol.split(windows)
     m = max_activation(explain_recs)
     if not explain_recs or not m > 0:
@@ -75,12 +78,17 @@ def neuron_steps(windows: dict[str, Any], protocol: Protocol, seed: int = 0,
     requests: list[Request] = [("simulator", "simulate", (explanation, tokens))] if score_recs else []
     labels: list[bool] = []
     fuzz_labels: list[bool] = []
+    questions: list[Question] = []
     if extra_scores and score_recs and m > 0:
         active = active_tokens(true, m)
         labels = [any(a) for a in active]
         requests.append(("simulator", "detect", (explanation, tokens)))
         fuzz, fuzz_labels = fuzzing_request(explanation, tokens, active, seed)
         requests += fuzz
+        questions = intruder_questions(score_recs, labels, seed)
+        if questions:
+            requests.append(("simulator", "intruder", ([[r.tokens for r in q.records] for q in questions],
+                                                       [q.marks for q in questions])))
     results = (yield requests) if requests else []
     expected = results[0] if score_recs else []
     out: dict[str, Any] = {
@@ -98,6 +106,10 @@ def neuron_steps(windows: dict[str, Any], protocol: Protocol, seed: int = 0,
         out["detection"] = judge_accuracy(labels, results[1])
     if fuzz_labels:
         out["fuzzing"] = judge_accuracy(fuzz_labels, results[2])
+    out["intruder"] = out["intruder_chance"] = None
+    if extra_scores:  # NaN without questions: fewer than N_CHOICES - 1 activating records or no inactive random one
+        out["intruder"] = intruder_accuracy([q.intruder for q in questions], results[-1] if questions else [])
+        out["intruder_chance"] = 1 / N_CHOICES
     return out
 
 

@@ -12,8 +12,8 @@ from crate.eval.validity.flags import OWN_DENSITY
 
 VALIDITY = "validity"  # <out>/validity/ of an interpret run: validity.json, validity.md, planted/
 METRIC_NAMES = {"score": "score (protocol's correlation)", "random_score": "correlation on random records",
-                "auprc": "AUPRC", "auprc_lift": "AUPRC above chance", "detection": "detection",
-                "fuzzing": "fuzzing"}
+                "auprc": "AUPRC", "auprc_lift": "AUPRC above chance", "intruder": "intruder (chance 20)",
+                "detection": "detection", "fuzzing": "fuzzing"}
 
 
 def x100(v: Any) -> str:

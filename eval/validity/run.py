@@ -44,7 +44,7 @@ from crate.eval.validity.planted import FAMILIES, family_table, plant_units
 from crate.eval.validity.report import VALIDITY, validity_markdown
 from crate.eval.validity.sanity import sanity_checks
 
-METRICS = ("score", "random_score", "auprc", "auprc_lift", "detection", "fuzzing")
+METRICS = ("score", "random_score", "auprc", "auprc_lift", "intruder", "detection", "fuzzing")
 REPLICATES = {"stats": 4, "llm": 2}  # planted units per family: all the stats scorer's, a seeded sample with an LLM
 
 
