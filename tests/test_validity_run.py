@@ -108,9 +108,7 @@ def test_another_seed_plants_and_records_again(run, tmp_path, capsys):
     run_interpret(None, None, out, _cfg(seed=1), model=run["model"], stream=run["stream"],
                   token_strings=run["strings"], validate=validate, overwrite=True)
     said = capsys.readouterr().out
-    # the old checks went with the scores they were made from (discarded by --overwrite): planted afresh
-    planted = out / "validity" / "tar" / "planted"
-    assert "will be discarded, --overwrite" in said and f"{planted}/scores/tar: 0 of 44 neurons reused" in said
+    assert f"records {out / 'validity' / 'tar' / 'planted' / 'records'}: recording again" in said
     assert json.loads((out / "validity" / "tar" / "validity.json").read_text())["planted"]["key"] != old
 
 
@@ -120,6 +118,17 @@ def test_the_report_leads_with_the_section_and_does_not_count_the_planted_run(ru
     index = write_report([run["out"]], tmp_path / "report").read_text()
     assert index.index("## Is the scorer valid?") < index.index("## Interpretability scores")
     assert "indicator-1" in index and "Inputs: 1 interpretability result(s)" in index
+    # the metrics that pass lead the paper's table; one layer scored: the aggregate is that layer's mean
+    assert index.index("## Scores by the metrics that pass") < index.index("## Interpretability scores")
+    import csv
+
+    lines = [json.loads(x) for x in (run["out"] / "scores" / "tar" / "0.jsonl").read_text().splitlines()]
+    with open(tmp_path / "report" / "sound_metrics.csv") as f:
+        rows = {r["metric"]: r for r in csv.DictReader(f)}
+    for metric, label in (("random_score", "correlation on random records"), ("auprc_lift", "AUPRC above chance")):
+        values = [x[metric] for x in lines if x[metric] is not None]
+        assert float(rows[label]["CRATE"]) == pytest.approx(100 * np.mean(values), abs=0.01)  # the CSV rounds
+        assert int(rows[label]["CRATE neurons"]) == len(values)
     # checks made from other scores (their key) are not shown beside these
     import shutil
 
@@ -176,3 +185,21 @@ def test_compare_and_cli_flag_verdicts_and_reweight_by_density(data_dir, tmp_pat
     w = np.array([len(binned["crate"][k]) + len(binned["gpt"][k]) for k in used], dtype=float)
     want = sum(wk / w.sum() * (np.mean(binned["crate"][k]) - np.mean(binned["gpt"][k])) for wk, k in zip(w, used))
     assert c["density_reweighted"]["difference"] == pytest.approx(want, abs=1e-12)
+
+
+def test_an_option_of_the_scores_only_recomputes_the_scores(run, capsys):
+    """Detection and fuzzing turned off: the model's and the planted units' records are reused, their scores are
+    computed again (the option is in the scores' identity), and the checks follow the new scores."""
+    out = run["out"]
+    run_interpret(None, None, out, _cfg(), model=run["model"], stream=run["stream"], token_strings=run["strings"],
+                  validate=validate, overwrite=True)  # back to the fixture's settings (other tests change them)
+    capsys.readouterr()
+    run_interpret(None, None, out, _cfg(extra_scores=False), model=run["model"], stream=run["stream"],
+                  token_strings=run["strings"], validate=validate, overwrite=True)
+    said = capsys.readouterr().out
+    planted = out / "validity" / "tar" / "planted"
+    assert f"records {out / 'records'}: reused" in said and f"records {planted / 'records'}: reused" in said
+    assert "0 of 24 neurons reused" in said and "0 of 44 neurons reused" in said
+    v = json.loads((out / "validity" / "tar" / "validity.json").read_text())
+    assert v["planted"]["families"]["indicator-1"]["detection"]["n"] == 0  # not run: no value
+    assert v["provenance"]["key"] == json.loads((out / "provenance.json").read_text())["key"]

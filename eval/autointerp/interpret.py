@@ -86,7 +86,7 @@ Output layout (everything is plain JSON / JSONL / NPZ)
     <out>/summary.md                         the same as a Markdown table (x100)
     <out>/llm_cache.sqlite                   disk cache of every LLM call (key: model identity, prompt, parameters)
     <out>/validity/<protocol>/               with a `validate` (crate interpret --validity): the scorer's checks on
-                                             this run, crate.eval.validity.run's layout (discarded with its scores)
+                                             this run, crate.eval.validity.run's layout (its summary goes with its scores)
 
 Several models (crate.eval.autointerp.compare.run_compare, or `crate interpret -c crate=DIR gpt=DIR [--controls]`):
 each model gets <out>/<name>/ with the layout above (random-init controls: <out>/<name>-control/), and
@@ -259,8 +259,9 @@ def execute_plan(plan: InterpretPlan, validate: Validate | None = None) -> dict[
     cfg, out = plan.cfg, plan.out
     for path in plan.discard:
         shutil.rmtree(path, ignore_errors=True)
-        if path.parent == out / "scores":  # the scorer's checks made from those scores go with them
-            shutil.rmtree(out / "validity" / path.name, ignore_errors=True)
+        if path.parent == out / "scores":  # the scorer's checks made from those scores go with them (the planted
+            for name in ("validity.json", "validity.md"):  # units' run stays: its own provenance decides its reuse)
+                (out / "validity" / path.name / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     records_dir = out / plan.protocol.records
     scores_dir = out / "scores" / plan.protocol.name

@@ -45,16 +45,25 @@ class Aggregate:
     n_neurons: int
 
 
-def layer_scores(result: ModelResult, protocol: str) -> dict[str, dict[Any, float]]:
-    """{layer: {neuron: score}} of one protocol, the input of crate.eval.stats.neurons (a neuron scored twice: the last
-    line counts, as when `crate interpret` resumes)."""
+def metric_value(row: dict[str, Any], metric: str = "score") -> float:
+    """A line's `metric` as a float (the paper's score by default); NaN when missing or undefined."""
+    if metric == "score":
+        return score_value(row)
+    v = row.get(metric)
+    return float(v) if isinstance(v, (int, float)) else math.nan
+
+
+def layer_scores(result: ModelResult, protocol: str, metric: str = "score") -> dict[str, dict[Any, float]]:
+    """{layer: {neuron: value of `metric`}} of one protocol, the input of crate.eval.stats.neurons (a neuron scored
+    twice: the last line counts, as when `crate interpret` resumes)."""
     def key(n: Any) -> Any:
         try:
             return int(n)
         except (TypeError, ValueError):
             return n
 
-    return {layer: {key(r["neuron"]): score_value(r) for r in rows} for layer, rows in result.scores[protocol].items()}
+    return {layer: {key(r["neuron"]): metric_value(r, metric) for r in rows}
+            for layer, rows in result.scores[protocol].items()}
 
 
 def _model_layers(scores: dict[str, dict[Any, float]]) -> list[str]:
@@ -68,10 +77,12 @@ def model_depth(result: ModelResult, layers: list[str]) -> int | None:
     return result.n_layer if result.n_layer is not None else (max(numeric) + 1 if numeric else None)
 
 
-def aggregate(result: ModelResult, protocol: str, seed: int = 0, n_boot: int = N_BOOT) -> Aggregate:
+def aggregate(result: ModelResult, protocol: str, seed: int = 0, n_boot: int = N_BOOT,
+              metric: str = "score") -> Aggregate:
     """Per-layer means and intervals (neurons.layer_summary) and the model's score (neurons.model_aggregate over
-    neurons.used_layers, interval neurons.aggregate_ci), all x100; layers without a finite score are not used."""
-    scores = layer_scores(result, protocol)
+    neurons.used_layers, interval neurons.aggregate_ci) of `metric`, all x100; layers without a finite value are not
+    used."""
+    scores = layer_scores(result, protocol, metric)
     layers = []
     for layer, by_neuron in scores.items():
         s = neuron_stats.layer_summary(list(by_neuron.values()), n_boot=n_boot, seed=seed)
@@ -89,9 +100,11 @@ def aggregate(result: ModelResult, protocol: str, seed: int = 0, n_boot: int = N
                      n_neurons=sum(n[k] for k in used))
 
 
-def difference(a: ModelResult, b: ModelResult, protocol: str, seed: int = 0, n_boot: int = N_BOOT) -> dict[str, Any]:
-    """neurons.compare_models for a - b on one protocol, x100: paired when both scored the same neuron indices."""
-    sa, sb = layer_scores(a, protocol), layer_scores(b, protocol)
+def difference(a: ModelResult, b: ModelResult, protocol: str, seed: int = 0, n_boot: int = N_BOOT,
+               metric: str = "score") -> dict[str, Any]:
+    """neurons.compare_models for a - b of `metric` on one protocol, x100: paired when both scored the same neuron
+    indices."""
+    sa, sb = layer_scores(a, protocol, metric), layer_scores(b, protocol, metric)
     la, lb = _model_layers(sa), _model_layers(sb)
     c = neuron_stats.compare_models({k: sa[k] for k in la}, {k: sb[k] for k in lb}, model_depth(a, la),
                                     model_depth(b, lb), exclude_last="auto", n_boot=n_boot, seed=seed)

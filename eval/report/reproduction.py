@@ -3,6 +3,8 @@ training logs, linked from one index.md.
 
     write_report(paths, out)   ->  <out>/index.md linking everything below
 
+    <out>/sound_metrics.{md,csv,tex}  each system by the metrics that pass the sanity checks (random-record
+                                      correlation, AUPRC lift, intruder), before the paper's table
     <out>/main_table.{md,csv,tex}     per size and protocol: mean over layers x100 and the variance of the
                                       per-layer means (in x100 units), CRATE vs GPT, bootstrap 95% CIs,
                                       CRATE - GPT with its CI, and the paper's numbers (SPEC.md section 6)
@@ -24,7 +26,7 @@ from crate.eval.report.aggregate import N_BOOT
 from crate.eval.report.plots import plot_layer_scores, plot_val_loss
 from crate.eval.report.reproduction_tables import (
     controls_table, layers_table, main_table, measures_table, model_groups, sae_metrics_table, sae_table,
-    val_loss_table,
+    sound_table, val_loss_table,
 )
 from crate.eval.report.scorer_validity import validity_section
 from crate.eval.report.results import REPORT_CSVS, ModelResult, ReportError, discover, read_json
@@ -51,6 +53,12 @@ def steering_section(paths: list[str | Path], out: Path) -> list[str]:
 def _score_sections(results: list[ModelResult], out: Path, seed: int, n_boot: int) -> list[str]:
     """The index's sections read from interpretability results, their tables and plots written into `out`."""
     index: list[str] = validity_section(results)
+    sound = sound_table(results, seed, n_boot)
+    if sound.rows:
+        sound.write(out, "sound_metrics")
+        index += ["## Scores by the metrics that pass the sanity checks", "", sound.note, "", sound.to_markdown(),
+                  "Files: [sound_metrics.md](sound_metrics.md), [sound_metrics.csv](sound_metrics.csv), "
+                  "[sound_metrics.tex](sound_metrics.tex)", ""]
     main = main_table(results, seed, n_boot)
     main.write(out, "main_table")
     index += ["## Interpretability scores (the paper's main table)", "", main.note, "", main.to_markdown(),

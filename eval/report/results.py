@@ -380,5 +380,5 @@ def _run_dir(csv_file: Path, root: Path) -> Path:
 
 
 REPORT_CSVS = {"main_table.csv", "layers.csv", "measures.csv", "controls.csv", "val_loss.csv", "gpt_sae.csv",
-               "sae_metrics.csv"}
+               "sae_metrics.csv", "sound_metrics.csv"}
 RUN_CONFIGS = ("config.yaml", "config.yml", "resolved_config.yaml", "config.json")

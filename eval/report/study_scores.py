@@ -11,22 +11,19 @@ from typing import Any
 import numpy as np
 
 from crate.errors import PipelineError
-from crate.eval.report.aggregate import model_depth
+from crate.eval.report.aggregate import metric_value, model_depth
 from crate.eval.report.paper import PROTOCOL_LABELS, canonical_protocol
-from crate.eval.report.results import ModelResult, load_model_result, score_value
+from crate.eval.report.results import ModelResult, load_model_result
 from crate.eval.report.study_layout import interpret_dir
 from crate.eval.stats import neurons as neuron_stats
 from crate.eval.stats import seeds as seed_stats
 
-SCORE_METRICS = ("correlation", "detection", "fuzzing")
+SCORE_METRICS = ("correlation", "random_score", "auprc_lift", "intruder", "detection", "fuzzing")
 Runs = list[dict[str, np.ndarray]]  # per training seed: {layer: x100 scores of its neurons}
 
 
 def _metric(row: dict[str, Any], metric: str) -> float:
-    if metric == "correlation":
-        return score_value(row)
-    v = row.get(metric)
-    return float(v) if isinstance(v, (int, float)) else math.nan
+    return metric_value(row, "score" if metric == "correlation" else metric)
 
 
 def model_runs(result: ModelResult, protocol: str, metric: str) -> dict[str, np.ndarray]:

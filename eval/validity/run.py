@@ -13,7 +13,8 @@ on the records and scores it just wrote, and their summary:
     <out>/validity/<protocol>/planted/        the planted units' own interpret run (interpret's layout)
 
 One folder per protocol, as the scores; its provenance names the scores' key it was made from (the report uses it
-only with those scores), and it goes whenever those scores are discarded.
+only with those scores), and its summary goes whenever those scores are discarded (the planted run stays: its own
+provenance decides whether it is reused).
 
 The planted units go through the run's own explainer and simulator on its own tokens, so they measure this
 scorer here, and their run reuses what matches its inputs. Everything else is recomputed from the score files and
