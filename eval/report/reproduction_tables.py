@@ -74,7 +74,9 @@ def main_table(results: list[ModelResult], seed: int = 0, n_boot: int = N_BOOT) 
         "and 8.3 give 0.06). 95% CIs: percentile bootstrap over neurons "
         f"({n_boot} resamples, seed {seed}); CRATE-GPT resamples the same neurons in both models when both scored "
         "the same neuron indices (paired), else each independently. The last layer of 6- and 12-layer models (only "
-        "those) is excluded, as in the paper. `paper` columns: Bai & Ma (arXiv 2410.16443), "
+        "those) is excluded, as in the paper. The means are over scored units: a dead unit (NaN: nothing to "
+        "correlate) is left out; \"Is the scorer valid?\" gives each layer's mean with dead units as 0 beside it. "
+        "`paper` columns: Bai & Ma (arXiv 2410.16443), "
         "SPEC.md section 6 (its S and B are the paper's 6L and 12L); `-` where the paper has no number or the "
         "size is not one of the paper's."
     )
