@@ -110,7 +110,7 @@ def test_demo_end_to_end_and_resume(tmp_path: Path, capsys) -> None:
     assert (out / "index.md").is_file() and (out / "browser" / "index.html").is_file()
     assert f"report:         {(out / 'index.md').resolve()}" in log
     assert "| tiny | TaR | stats |" in log  # the printed table
-    assert "The scorer's checks on these verdicts" in log and "tiny TaR (stats) crate - gpt" in log
+    assert log.count("The scorer's checks on these verdicts") == 1 and "tiny TaR (stats) crate - gpt" in log
 
     check_tables_against_score_files(out, log)
     with open(out / "val_loss.csv") as f:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from crate.eval.workflows.steps import (
-    ARCHS, CPU_SAE, interpret_model, log, matched_overrides, prepare_data, print_main_table, quiet, steering_sweep,
-    train_model, train_saes,
+    ARCHS, CPU_SAE, interpret_model, log, matched_overrides, prepare_data, print_main_table, print_verdict_flags,
+    quiet, steering_sweep, train_model, train_saes,
 )
 
 DEMO_STEPS = 300
@@ -156,6 +156,7 @@ def _summary(paths: dict[str, Path], out: Path, t0: float) -> None:
     print()
     print_main_table(out)
     print_main_table(out, "gpt_sae.md")
+    print_verdict_flags(out)
     print()
     log(f"done in {time.perf_counter() - t0:.0f}s", t0)
     print(f"report:         {paths['report']}")

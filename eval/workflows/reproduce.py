@@ -14,7 +14,8 @@ from typing import Any
 
 from crate.errors import CrateError, PipelineError
 from crate.eval.workflows.steps import (
-    ARCHS, interpret_model, log, prepare_data, print_main_table, steering_sweep, train_model, train_saes,
+    ARCHS, interpret_model, log, prepare_data, print_main_table, print_verdict_flags, steering_sweep, train_model,
+    train_saes,
 )
 
 SAE_SIZES = ("1L", "2L", "3L")  # the paper's GPT-SAE rows (SPEC.md 6a)
@@ -140,6 +141,7 @@ def reproduce(opts: ReproduceOptions) -> Path:
 
     browser = write_browser([out / "interpret"], out / "browser")
     print_main_table(out / "report")
+    print_verdict_flags(out / "report")
     print(f"report:         {index.resolve()}\nneuron browser: {browser.resolve()}")
     return index
 

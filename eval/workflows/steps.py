@@ -187,11 +187,14 @@ def steering_sweep(checkpoints: dict[str, str], data_dir: Path, out: Path, t0: f
 
 
 def print_main_table(out: Path, name: str = "main_table.md") -> None:
-    """The report's main table, then what the scorer's own checks say of its verdicts (index.md's "Verdicts:")."""
     table = out / name
     if table.is_file():
         text = table.read_text().split("\n\n", 2)[-1]
         print(_compact(text))
+
+
+def print_verdict_flags(out: Path) -> None:
+    """What the scorer's own checks say of the report's verdicts (index.md's "Verdicts:"), when it has them."""
     index = out / "index.md"
     if index.is_file() and "\nVerdicts:\n" in index.read_text():
         block = index.read_text().split("\nVerdicts:\n", 1)[1].split("\n## ", 1)[0].strip()
