@@ -129,6 +129,7 @@ def test_demo_end_to_end_and_resume(tmp_path: Path, capsys) -> None:
     index = (out / "index.md").read_text()
     assert index.index("## Is the scorer valid?") < index.index("## Interpretability scores")
     assert index.count("| indicator-1 |") == 3 and "Verdicts:" in index  # crate, gpt, gpt-sae were validated
+    assert "crate - gpt at one activation-density mix" in index
 
     # steering the demo's CRATE with a text prompt: the tokenizer comes from the checkpoint
     rc = main(["steer", "--checkpoint", str(out / "runs" / "crate-tiny" / "final"), "--layer", "1", "--neuron", "3",

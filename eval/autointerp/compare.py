@@ -18,19 +18,9 @@ from crate.eval.autointerp.config import InterpretConfig
 from crate.eval.autointerp.interpret import OUTPUTS, Validate, execute_plan, plan_interpret
 from crate.eval.autointerp.summary import summary_markdown, write_json
 from crate.eval.stats.neurons import compare_models
-from crate.eval.validity.estimands import density_reweighted
+from crate.eval.validity.estimands import density_mix, density_reweighted
 from crate.eval.validity.flags import comparison_flags
 from crate.provenance import canonical, check_owned
-
-
-def _density_mix(summary: dict[str, Any], used: list[str]) -> tuple[dict[tuple[str, str], float],
-                                                                     dict[tuple[str, str], float]]:
-    """(activation density, score) of the scored units of a validated model in the layers its aggregate `used`,
-    keyed by (layer, neuron)."""
-    layers = summary["validity"]["layers"]
-    freq = {(k, n): f for k, v in layers.items() if k in used for n, f in v["density"].items()}
-    scores = {(k, n): s for k, v in summary["scores"].items() for n, s in v.items() if (k, n) in freq}
-    return freq, scores
 
 
 def run_compare(checkpoints: dict[str, str | Path], data_dir: str | Path, out_dir: str | Path,
@@ -68,9 +58,10 @@ def run_compare(checkpoints: dict[str, str | Path], data_dir: str | Path, out_di
                 sa.get("validity"), sb.get("validity"), comparison[f"{a} - {b}"]["difference"], (a, b))
             if sa.get("validity") and sb.get("validity"):
                 c = comparison[f"{a} - {b}"]
-                c["density_reweighted"] = density_reweighted(_density_mix(sa, c["layers_a"]),
-                                                             _density_mix(sb, c["layers_b"]), n_boot=cfg.n_boot,
-                                                             seed=cfg.seed)
+                c["density_reweighted"] = density_reweighted(
+                    density_mix(sa["validity"]["layers"], sa["scores"], c["layers_a"]),
+                    density_mix(sb["validity"]["layers"], sb["scores"], c["layers_b"]), n_boot=cfg.n_boot,
+                    seed=cfg.seed)
     summary = {"models": {k: {kk: v[kk] for kk in ("layers", "aggregate", "protocol")} for k, v in results.items()},
                "comparison": comparison, "provenance": {k: v["provenance"] for k, v in results.items()},
                "controls": {k[: -len("-control")]: {"aggregate": v["aggregate"], "layers": v["layers"]}

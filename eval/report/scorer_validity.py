@@ -4,11 +4,12 @@ CRATE - GPT verdicts included (crate.eval.validity.flags)."""
 
 from __future__ import annotations
 
-from crate.eval.report.aggregate import difference
+from crate.eval.report.aggregate import N_BOOT, difference, layer_scores
 from crate.eval.report.reproduction_tables import model_groups
 from crate.eval.report.results import ModelResult
+from crate.eval.validity.estimands import density_mix, density_reweighted
 from crate.eval.validity.flags import comparison_flags
-from crate.eval.validity.report import layers_table, planted_table, sanity_table
+from crate.eval.validity.report import layers_table, planted_table, sanity_table, x100
 
 
 def verdict_flags(results: list[ModelResult]) -> list[str]:
@@ -26,9 +27,14 @@ def verdict_flags(results: list[ModelResult]) -> list[str]:
                 missing = " and ".join(r.name for r, v in ((a, va), (b, vb)) if not v)
                 out.append(f"- {what}: not evaluated ({missing} scored without --validity)")
                 continue
-            d = difference(a, b, protocol, n_boot=1)["difference"] / 100  # the main table's point estimate
-            flags = comparison_flags(va, vb, d, (arch, "gpt"))
+            d = difference(a, b, protocol, n_boot=1)  # the main table's point estimate and layers
+            flags = comparison_flags(va, vb, d["difference"] / 100, (arch, "gpt"))
             out += [f"- {what} flagged ({f['flag']}): {f['reason']}" for f in flags] or [f"- {what}: no flag"]
+            w = density_reweighted(density_mix(va["layers"], layer_scores(a, protocol), d["layers_a"]),
+                                   density_mix(vb["layers"], layer_scores(b, protocol), d["layers_b"]), n_boot=N_BOOT)
+            out.append(f"  - {what} at one activation-density mix (the headline's layers, units reweighted per "
+                       f"density bin): {x100(w['difference'])} [{x100(w['ci95'][0])}, {x100(w['ci95'][1])}], the "
+                       f"same units unweighted {x100(w['raw_difference'])}")
     return out
 
 

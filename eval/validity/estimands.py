@@ -114,6 +114,16 @@ def density_bins(freq: Mapping[int, float], scores: Mapping[int, float], edges: 
             for k, v in enumerate(_binned(freq, scores, edges))]
 
 
+def density_mix(validity_layers: Mapping[str, Mapping[str, Any]], scores: Mapping[str, Mapping[Any, float]],
+                used: Sequence[str]) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    """`density_reweighted`'s input for one validated model: (activation density, score) of its scored units in the
+    layers `used` (those its headline averages), keyed by (layer, neuron); `validity_layers` is a validity summary's
+    "layers" (crate.eval.validity.run) and `scores` {layer: {neuron: score}}."""
+    freq = {(k, str(n)): f for k, v in validity_layers.items() if k in used for n, f in v["density"].items()}
+    vals = {(k, str(n)): x for k, v in scores.items() for n, x in v.items() if (k, str(n)) in freq}
+    return freq, vals
+
+
 def density_reweighted(a: tuple[Mapping[int, float], Mapping[int, float]],
                        b: tuple[Mapping[int, float], Mapping[int, float]], edges: Sequence[float] = DENSITY_EDGES,
                        n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
@@ -146,4 +156,4 @@ def density_reweighted(a: tuple[Mapping[int, float], Mapping[int, float]],
 
 
 __all__ = ["DENSITY_EDGES", "line_score", "active_share", "unit_counts", "layer_means", "density_bins",
-           "density_reweighted"]
+           "density_mix", "density_reweighted"]
