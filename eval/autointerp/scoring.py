@@ -72,10 +72,15 @@ def correlation_score(true: Sequence[Sequence[float]], expected: Sequence[Sequen
     return r, note
 
 
+def random_records(record_ids: Sequence[str]) -> list[int]:
+    """The indices of the uniformly sampled records ("random:*") among a line's scoring records."""
+    return [i for i, rid in enumerate(record_ids) if rid.startswith(RANDOM_PREFIX)]
+
+
 def random_correlation(true: Sequence[Sequence[float]], expected: Sequence[Sequence[float]],
                        record_ids: Sequence[str]) -> tuple[float, str | None]:
     """`correlation_score` over the records whose id starts with "random:" (uniformly sampled positions)."""
-    keep = [i for i, rid in enumerate(record_ids) if rid.startswith(RANDOM_PREFIX)]
+    keep = random_records(record_ids)
     if not keep:
         return math.nan, "no uniformly sampled (random:*) scoring records"
     t = [true[i] for i in keep]
@@ -109,7 +114,14 @@ def auprc(true: Sequence[Sequence[float]], expected: Sequence[Sequence[float]],
           max_activation: float) -> tuple[float, str | None]:
     """(average precision, note): the simulation as the score, the unit's `active_tokens` as the labels; NaN with a
     note when no scoring token is active."""
-    labels = np.asarray([x for xs in active_tokens(true, max_activation) for x in xs], dtype=bool)
+    return _auprc(_active_flat(true, max_activation), expected)
+
+
+def _active_flat(true: Sequence[Sequence[float]], max_activation: float) -> np.ndarray:
+    return np.asarray([x for xs in active_tokens(true, max_activation) for x in xs], dtype=bool)
+
+
+def _auprc(labels: np.ndarray, expected: Sequence[Sequence[float]]) -> tuple[float, str | None]:
     if not labels.any():
         return math.nan, "no scoring token is active (normalised activation >= 1): AUPRC undefined"
     return average_precision(_flat(expected), labels), None
@@ -151,8 +163,9 @@ def score_simulation(true: Sequence[Sequence[float]], expected: Sequence[Sequenc
                      record_ids: Sequence[str] = ()) -> dict[str, float | str | None]:
     """The neuron's scores (`correlation_score` for `score`); `record_ids` name the records, to find the random ones."""
     r, note = correlation_score(true, expected)
-    ap, ap_note = auprc(true, expected, max_activation)
-    chance = float(np.mean([x for xs in active_tokens(true, max_activation) for x in xs] or [math.nan]))
+    labels = _active_flat(true, max_activation)  # once: AUPRC's labels and its chance level
+    ap, ap_note = _auprc(labels, expected)
+    chance = float(labels.mean()) if labels.size else math.nan
     rr, rr_note = random_correlation(true, expected, record_ids)
     return {
         "score": r,
@@ -169,6 +182,6 @@ def score_simulation(true: Sequence[Sequence[float]], expected: Sequence[Sequenc
     }
 
 
-__all__ = ["RANDOM_PREFIX", "expected_value", "pooled_correlation", "correlation_score", "random_correlation",
-           "active_tokens", "average_precision", "auprc", "rsquared", "absolute_dev_explained", "balanced_accuracy",
+__all__ = ["RANDOM_PREFIX", "expected_value", "pooled_correlation", "correlation_score", "random_records",
+           "random_correlation", "active_tokens", "average_precision", "auprc", "rsquared", "absolute_dev_explained", "balanced_accuracy",
            "judge_accuracy", "score_simulation"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from crate.eval.autointerp.scoring import RANDOM_PREFIX, active_tokens
+from crate.eval.autointerp.scoring import active_tokens, random_records
 from crate.eval.record.measures import layer_measures
 from crate.eval.record.recorder import LayerRecording
 from crate.eval.stats.neurons import bootstrap_ci
@@ -46,8 +46,8 @@ def active_share(line: Mapping[str, Any]) -> float:
     """The share of a line's uniformly sampled (random:*) scoring tokens where the unit is active as the scorer
     labels it (normalised activation >= 1: crate.eval.autointerp.scoring.active_tokens): its activation density as
     the scorer sees it (> 0 would count a GELU or ReLU unit's tiny values); NaN without random records."""
-    keep = [i for i, rid in enumerate(line["record_ids"]) if rid.startswith(RANDOM_PREFIX)]
-    flags = [x for i in keep for x in active_tokens([line["true_activations"][i]], float(line["max_activation"]))[0]]
+    sampled = [line["true_activations"][i] for i in random_records(line["record_ids"])]
+    flags = [x for xs in active_tokens(sampled, float(line["max_activation"])) for x in xs]
     return float(np.mean(flags)) if flags else math.nan
 
 
@@ -64,7 +64,7 @@ def unit_counts(rec: LayerRecording, lines: Sequence[Mapping[str, Any]], rare: f
     by_neuron = {int(ln["neuron"]): ln for ln in lines}
 
     def sampled_zero(ln: Mapping[str, Any]) -> bool:
-        rand = [a for rid, a in zip(ln["record_ids"], ln["true_activations"]) if rid.startswith(RANDOM_PREFIX)]
+        rand = [ln["true_activations"][i] for i in random_records(ln["record_ids"])]
         return bool(rand) and all(v <= 0 for acts in rand for v in acts)
 
     ids = {
