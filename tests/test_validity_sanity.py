@@ -3,6 +3,7 @@ perturbations against their expected rates, NeuronEval's theoretical table repro
 on constructed scoring lines where the answer is known both ways (a metric that must drop, one that must not)."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ from crate.eval.autointerp.simulators import StatsSimulator
 from crate.eval.autointerp.steps import score_neuron
 from crate.eval.record.windows import Window
 from crate.eval.validity.sanity import (
-    EPSILON, METRICS, add_tokens, cosine, drop_tokens, extra_labels, f1, iou, missing_labels, relative_change,
-    sanity_checks,
+    EPSILON, METRICS, add_tokens, broader, cosine, drop_tokens, extra_labels, f1, iou, listed_items, missing_labels,
+    narrower, relative_change, sanity_checks,
 )
 
 
@@ -196,10 +197,10 @@ def test_explanation_level_checks_on_token_statistics():
         line = score_neuron(windows, get_protocol("tar"), StatsExplainer(), StatsSimulator(), seed=n)
         assert line["explanation"] == 'token statistics: {"cat": 10.0, "dog": 10.0}'
         lines.append({"layer": "0", "neuron": n, **line})
-    lines.append({**lines[0], "neuron": 8, "explanation": "cats and dogs"})  # free text: label level only
     out = sanity_checks(lines, StatsSimulator(), draws=2)
     expl = out["explanation"]
-    assert out["units"] == {"lines": 9, "label_tested": 9, "stats_explanations": 8, "explanation_tested": 8}
+    assert out["units"] == {"lines": 8, "label_tested": 8, "stats_explanations": 8, "text_explanations": 0,
+                            "explanation_tested": 8}
     for k in ("correlation", "auprc", "f1", "iou", "cosine", "balanced_accuracy"):
         assert expl[k]["missing"] == expl[k]["extra"] == 100.0 and expl[k]["n"] == 8, k
     assert expl["detection"]["missing"] == 0.0 and expl["detection"]["extra"] == 100.0
@@ -210,7 +211,65 @@ def test_explanation_level_checks_on_token_statistics():
     assert out["label"]["correlation"]["extra"] == 0.0 and not out["passes"]["correlation"]
     # the units are never active on random records: random correlation undefined everywhere, no verdict
     assert expl["random_correlation"]["n"] == 0 and out["passes"]["random_correlation"] is None
-    assert "detection" not in out["label"] and any("1 of 9 explanations are free text" in x for x in out["notes"])
+    assert "detection" not in out["label"]
+
+
+class _Counting(StatsSimulator):
+    """The stats simulator behind a batching interface that counts its batches."""
+
+    def __init__(self):
+        self.batches = 0
+
+    def call_many(self, requests):
+        self.batches += 1
+        return [getattr(self, m)(*a) for m, a in requests]
+
+
+def test_free_text_explanations_made_narrower_and_broader():
+    """NeuronEval's semantic tests on free text: units fire on "cat" and "dog" (both in every top record), explained
+    "cat and dog". Narrower ("cat" or "dog") loses true labels: every token-level metric and fuzzing drop, detection
+    does not (each active record still holds the kept word). Broader joins another unit's explanation ("bird flew",
+    words of the inactive random records): every metric drops, detection too. A unit that lists one thing has no
+    narrower form (untestable for missing), and one whose layer has no other explanation no broader one (not
+    tested); all the simulator's calls go in one batch."""
+    def rec(text, rid):
+        toks = text.split()
+        return Window(tokens=toks, activations=[8.0 if t in ("cat", "dog") else 0.0 for t in toks], center=0, id=rid)
+
+    windows = {"top": [rec("the cat sat on the dog", f"top:{i}") for i in range(10)],
+               "random": [rec("a bird flew over the mat sat on", f"random:{i}") for i in range(10)], "quantile": []}
+    base = score_neuron(windows, get_protocol("tar"), StatsExplainer(), StatsSimulator(), seed=0)
+    lines = [{**base, "layer": "0", "neuron": n, "explanation": "cat and dog"} for n in range(8)]
+    lines.append({**base, "layer": "0", "neuron": 8, "explanation": "bird flew"})  # the donor: one item
+    lines.append({**base, "layer": "1", "neuron": 0, "explanation": "cat and dog"})  # alone in its layer
+    sim = _Counting()
+    out = sanity_checks(lines, sim, draws=2)
+    expl = out["explanation"]
+    assert sim.batches == 1
+    assert out["units"]["text_explanations"] == 10 and out["units"]["explanation_tested"] == 10
+    for k in ("correlation", "auprc", "f1", "iou", "cosine", "balanced_accuracy"):
+        assert expl[k]["missing"] == 100.0 and expl[k]["untestable"]["missing"] == 1, k  # "bird flew" lists one
+        assert expl[k]["extra"] < 100.0  # the donor's own broader form adds what it already says or true labels
+    assert expl["detection"]["missing"] == 0.0 and expl["fuzzing"]["missing"] == 100.0
+    # extra: the 8 "cat and dog" units of layer 0 get "..., or bird flew" and drop; layer 1's has no donor
+    assert expl["correlation"]["untestable"]["extra"] == 1 and expl["detection"]["extra"] == pytest.approx(100 * 8 / 9)
+    assert any("10 of 10 explanations are free text" in x for x in out["notes"])
+
+
+def test_listed_items_narrower_broader_known_answers():
+    rng = np.random.default_rng(0)
+    assert listed_items('the words "the", "a" and "an"') == ("the words ", ['"the"', '"a"', '"an"'])
+    assert listed_items("commas and periods") == ("", ["commas", "periods"])
+    assert listed_items("a, b; c / d or e") == ("", ["a", "b", "c", "d", "e"])
+    assert listed_items("Orange android") == ("", ["Orange android"])  # "or" and "and" as words only
+    assert listed_items("don't stop") == ("", ["don't stop"])  # an apostrophe is not a quote
+    for _ in range(20):
+        less = narrower('the words "the", "a" and "an"', rng)
+        items = re.findall(r'"[^"]+"', less)
+        assert less.startswith("the words ") and 1 <= len(items) < 3 and set(items) <= {'"the"', '"a"', '"an"'}
+    assert narrower("names of people", rng) is None  # lists one thing: no subclass
+    assert broader("cats", ["cats", "Cats ", "dogs"], rng) == "cats, or dogs"  # its own text is no donor
+    assert broader("cats", ["cats"], rng) is None
 
 
 def test_a_draw_that_removes_nothing_is_drawn_again_and_nothing_to_remove_is_untestable():

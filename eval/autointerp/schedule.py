@@ -13,7 +13,7 @@ from crate.errors import CrateError
 from crate.eval.autointerp.config import InterpretConfig, InterpretPlan
 from crate.eval.autointerp.explainers import Explainer
 from crate.eval.autointerp.scores_io import done_neurons, write_layer_scores
-from crate.eval.autointerp.simulators import Simulator
+from crate.eval.autointerp.simulators import Simulator, ask
 from crate.eval.autointerp.steps import Request, neuron_seed, neuron_steps, score_neuron
 from crate.eval.progress import Progress, say
 from crate.eval.record.recorder import LayerRecording
@@ -64,8 +64,7 @@ def score_many(jobs: Iterable[tuple[Any, Generator[list[Request], list[Any], dic
                      for i, (r, method, args) in enumerate(reqs) if r == role]
             if not calls:
                 continue
-            many = getattr(obj, "call_many", None)
-            results = many([(m, a) for _, _, m, a in calls]) if many else [getattr(obj, m)(*a) for _, _, m, a in calls]
+            results = ask(obj, [(m, a) for _, _, m, a in calls])
             answers.update({(key, i): res for (key, i, _, _), res in zip(calls, results)})
         for key in list(pending):
             steps, reqs = pending[key]

@@ -138,10 +138,17 @@ class StatsSimulator:
         return out
 
 
+def ask(obj: Any, requests: Sequence[tuple[str, tuple]]) -> list[Any]:
+    """The answers to (method, args) calls of one explainer or simulator: one `call_many` when it batches (an LLM's
+    across every request), else one call at a time."""
+    many = getattr(obj, "call_many", None)
+    return many(list(requests)) if many else [getattr(obj, m)(*a) for m, a in requests]
+
+
 def make_simulator(spec: str, cache: str | None = None, **llm_options: Any) -> Simulator:
     if spec == "stats":
         return StatsSimulator()
     return LLMSimulator(shared_llm(spec, cache, llm_options))
 
 
-__all__ = ["Simulator", "LLMSimulator", "StatsSimulator", "make_simulator"]
+__all__ = ["Simulator", "LLMSimulator", "StatsSimulator", "ask", "make_simulator"]

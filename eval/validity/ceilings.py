@@ -22,7 +22,7 @@ import numpy as np
 
 from crate.eval.autointerp.explainers import token_key
 from crate.eval.autointerp.scoring import score_simulation
-from crate.eval.autointerp.simulators import Simulator
+from crate.eval.autointerp.simulators import Simulator, ask
 from crate.eval.validity.estimands import line_score
 
 
@@ -71,12 +71,10 @@ def shuffled_floor(lines: Sequence[Mapping[str, Any]], simulator: Simulator, see
     live = [ln for ln in lines if ln["max_activation"] > 0]
     if len(live) < 2:
         return {}
-    out = {}
-    for ln, donor in zip(live, derangement(len(live), seed)):
-        expected = simulator.simulate(live[donor]["explanation"], ln["tokens"])
-        out[int(ln["neuron"])] = float(score_simulation(ln["true_activations"], expected,
-                                                        ln["max_activation"])["score"])
-    return out
+    donors = derangement(len(live), seed)
+    expected = ask(simulator, [("simulate", (live[d]["explanation"], ln["tokens"])) for ln, d in zip(live, donors)])
+    return {int(ln["neuron"]): float(score_simulation(ln["true_activations"], e, ln["max_activation"])["score"])
+            for ln, e in zip(live, expected)}
 
 
 __all__ = ["lookup_ceiling", "ceiling_summary", "derangement", "shuffled_floor"]

@@ -74,7 +74,7 @@ def _verdict(passed: bool | None) -> str:
 
 def sanity_table(sanity: Mapping[str, Any]) -> list[str]:
     """Per metric, the % of units whose score drops when the explanation loses true labels (missing) or gains
-    false ones (extra), at label level and (stats explanations) at explanation level."""
+    false ones (extra), at label level and at explanation level (the explanation itself changed and simulated again)."""
     out = []
     for level in ("label", "explanation"):
         checks = sanity.get(level)

@@ -17,11 +17,20 @@ is >= 1 (scoring.active_tokens: the labels of detection and fuzzing). Two levels
   ones added (an added label on an active token would make the explanation better, and a metric that rises then
   is right). Their concepts are binary, ours graded: a new positive takes a value drawn from the line's own
   positive values. Without random records, d is the rate over all scoring tokens.
-- explanation level (token-statistics explanations, re-simulated by the simulator): missing drops each listed token
-  with probability 0.5 (at least one dropped, one kept when it lists two or more); extra adds as many tokens of the
-  scoring records as it lists, valued like the listed ones, among the tokens on which the unit is never active
-  there (false labels, as above). Detection and fuzzing, which ask the simulator, are
-  checked here too. A free-text (LLM) explanation cannot be perturbed this way: only the label-level checks run.
+- explanation level (the explanation itself changed and asked of the simulator again; detection and fuzzing, which
+  ask the simulator, are checked here too):
+  - token-statistics explanations: missing drops each listed token with probability 0.5 (at least one dropped, one
+    kept when it lists two or more); extra adds as many tokens of the scoring records as it lists, valued like the
+    listed ones, among the tokens on which the unit is never active there (false labels, as above).
+  - free-text explanations (an LLM's), after NeuronEval's semantic tests (their appendix E.3, code
+    additional_experiments/semantic_{subclass_missing,superclass_extra}_labels_app_E3.ipynb: the concept replaced
+    by a subclass for missing labels, by a superclass for extra ones): missing keeps part of what the explanation
+    lists (its quoted items when it quotes two or more, else its parts between commas, semicolons, slashes, "and"
+    and "or"; each dropped with probability 0.5, at least one dropped and one kept), a narrower concept; one that
+    lists a single thing has no subclass here and is untestable for missing. Extra joins another live unit's
+    explanation of the same layer ("X, or Y"), a broader one: units of a layer seldom share concepts, so Y's
+    labels are mostly false for this unit (where Y is true too the score may rise: the rate is then a lower bound).
+    At most TEXT_UNITS free-text units (a seeded sample) are tested: each costs the simulator two more scorings.
 
 Pass rule (NeuronEval's code): a unit decreases when the mean over `draws` of (m(perturbed) - m(original)) /
 range(m) is below -0.001 (range 2 for correlations and cosine, 1 otherwise); a check's rate is the % of tested units
@@ -34,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,7 +53,7 @@ from crate.eval.autointerp.explainers import STATS_PREFIX, token_key
 from crate.eval.autointerp.scoring import (
     RANDOM_PREFIX, active_tokens, average_precision, balanced_accuracy, correlation_score, judge_accuracy,
 )
-from crate.eval.autointerp.simulators import Simulator, StatsSimulator
+from crate.eval.autointerp.simulators import Simulator, StatsSimulator, ask
 from crate.eval.autointerp.steps import fuzzing_request, neuron_seed
 
 R_MINUS = 0.5  # missing labels: the probability that a positive is kept
@@ -51,6 +61,9 @@ R_PLUS = 2.0  # extra labels: the factor on the number of positives, in expectat
 EPSILON = 0.001  # the smallest normalised drop that counts as a decrease
 PASS_PCT = 90.0
 CHECKS = ("missing", "extra")
+TEXT_UNITS = 32  # free-text explanations tested at explanation level (a seeded sample beyond)
+_QUOTED = re.compile(r""""[^"]+"|“[^”]+”|(?<!\w)'[^']+'(?!\w)""")
+_PARTS = re.compile(r"\s*(?:[,;/]|\band\b|\bor\b)\s*", re.IGNORECASE)
 
 Metric = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], float]
 
@@ -135,13 +148,45 @@ def extra_labels(concept: np.ndarray, rng: np.random.Generator, r_plus: float = 
     return out
 
 
-def drop_tokens(table: dict[str, float], rng: np.random.Generator) -> dict[str, float]:
-    """Each listed token dropped with probability 0.5, drawn again until one is dropped and (of two or more) one
-    is kept."""
+def _kept(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Each of n items kept with probability 0.5, drawn again until one is dropped and (of two or more) one is kept."""
     while True:
-        kept = rng.random(len(table)) < 0.5
-        if not kept.all() and (kept.any() or len(table) == 1):
-            return {k: v for (k, v), on in zip(table.items(), kept) if on}
+        kept = rng.random(n) < 0.5
+        if not kept.all() and (kept.any() or n == 1):
+            return kept
+
+
+def drop_tokens(table: dict[str, float], rng: np.random.Generator) -> dict[str, float]:
+    """Each listed token dropped with probability 0.5 (`_kept`)."""
+    return {k: v for (k, v), on in zip(table.items(), _kept(len(table), rng)) if on}
+
+
+def listed_items(explanation: str) -> tuple[str, list[str]]:
+    """What a free-text explanation lists, with the text before it: its quoted items when it quotes two or more
+    ('the words "the", "a" and "an"' -> ('the words ', ['"the"', '"a"', '"an"'])), else its parts between commas,
+    semicolons, slashes, "and" and "or" ('commas and periods' -> ('', ['commas', 'periods']))."""
+    quoted = _QUOTED.findall(explanation)
+    if len(quoted) >= 2:
+        return explanation[: explanation.index(quoted[0])], quoted
+    return "", [p for p in _PARTS.split(explanation.strip()) if p]
+
+
+def narrower(explanation: str, rng: np.random.Generator) -> str | None:
+    """A subclass of a free-text explanation's concept: part of what it lists (`listed_items`, each dropped with
+    probability 0.5, at least one dropped and one kept); None when it lists fewer than two things."""
+    head, items = listed_items(explanation)
+    if len(items) < 2:
+        return None
+    kept = [x for x, on in zip(items, _kept(len(items), rng)) if on]
+    return head + (", ".join(kept[:-1]) + " and " + kept[-1] if len(kept) > 1 else kept[0])
+
+
+def broader(explanation: str, others: Sequence[str], rng: np.random.Generator) -> str | None:
+    """A superclass of a free-text explanation's concept: it or one of `others` (other units' explanations; one
+    with the same text excluded) drawn at random; None when there is no other."""
+    own = explanation.strip().lower()
+    donors = sorted({o for o in others if o.strip().lower() != own})
+    return f"{explanation}, or {donors[int(rng.integers(len(donors)))]}" if donors else None
 
 
 def add_tokens(table: dict[str, float], candidates: Sequence[str], rng: np.random.Generator) -> dict[str, float]:
@@ -194,28 +239,50 @@ def _label_trial(u: _Unit, draws: int) -> Trial | None:
                                      for _ in range(draws)]}
 
 
-def _explanation_trial(u: _Unit, simulator: Simulator, draws: int) -> Trial | None:
+def _explanation_texts(u: _Unit, others: Sequence[str], draws: int) -> tuple[str, dict[str, list[str]]] | None:
+    """The explanation and each check's perturbed explanations: token-statistics explanations lose or gain tokens,
+    free-text ones become narrower or broader (the module's docstring); None when neither check can be built."""
     explanation, tokens = u.line["explanation"], u.line["tokens"]
-    table = StatsSimulator.table(explanation)
-    # false labels only: tokens of the scoring records on which the unit is never active
-    active_keys = {token_key(x) for ts, acts in zip(tokens, u.active_lists) for x, on in zip(ts, acts) if on}
-    candidates = sorted({token_key(x) for ts in tokens for x in ts} - set(table) - active_keys)
-    if not table or not candidates:
-        return None
-    labels = [any(a) for a in u.active_lists]
-
-    def scores(text: str) -> dict[str, float]:
-        out = u.scores(np.asarray([x for xs in simulator.simulate(text, tokens) for x in xs], dtype=np.float64))
-        out["detection"] = judge_accuracy(labels, simulator.detect(text, tokens)) if u.m > 0 else math.nan
-        fuzz, fuzz_labels = fuzzing_request(text, tokens, u.active_lists, u.seed)
-        out["fuzzing"] = judge_accuracy(fuzz_labels, simulator.fuzz(*fuzz[0][2])) if fuzz_labels else math.nan
-        return out
-
     mrng, xrng = u.rng(1, 0), u.rng(1, 1)
-    return scores(explanation), {
-        "missing": [scores(_stats_explanation(drop_tokens(table, mrng))) for _ in range(draws)],
-        "extra": [scores(_stats_explanation(add_tokens(table, candidates, xrng))) for _ in range(draws)],
-    }
+    if explanation.startswith(STATS_PREFIX):
+        table = StatsSimulator.table(explanation)
+        # false labels only: tokens of the scoring records on which the unit is never active
+        active_keys = {token_key(x) for ts, acts in zip(tokens, u.active_lists) for x, on in zip(ts, acts) if on}
+        candidates = sorted({token_key(x) for ts in tokens for x in ts} - set(table) - active_keys)
+        if not table or not candidates:
+            return None
+        return explanation, {"missing": [_stats_explanation(drop_tokens(table, mrng)) for _ in range(draws)],
+                             "extra": [_stats_explanation(add_tokens(table, candidates, xrng)) for _ in range(draws)]}
+    texts = {"missing": [narrower(explanation, mrng) for _ in range(draws)],
+             "extra": [broader(explanation, others, xrng) for _ in range(draws)]}
+    texts = {check: [t for t in ts if t is not None] for check, ts in texts.items()}
+    return (explanation, texts) if any(texts.values()) else None
+
+
+def _explanation_trials(jobs: Sequence[tuple[_Unit, str, dict[str, list[str]]]], simulator: Simulator) -> list[Trial]:
+    """Every job's explanations scored by the simulator, all the calls in one batch (`ask`)."""
+    calls: list[tuple[str, tuple]] = []
+    plan = []  # per job and explanation: where its answers sit and its fuzzing labels
+    for u, original, perturbed in jobs:
+        tokens = u.line["tokens"]
+        for text in [original, *perturbed["missing"], *perturbed["extra"]]:
+            fuzz, fuzz_labels = fuzzing_request(text, tokens, u.active_lists, u.seed)
+            plan.append((len(calls), fuzz_labels))
+            calls += [("simulate", (text, tokens)), ("detect", (text, tokens))] + [(m, a) for _, m, a in fuzz]
+    answers = ask(simulator, calls)
+    trials, at = [], iter(plan)
+    for u, _, perturbed in jobs:
+        labels = [any(a) for a in u.active_lists]
+
+        def scores(start: int, fuzz_labels: list[bool]) -> dict[str, float]:
+            out = u.scores(np.asarray([x for xs in answers[start] for x in xs], dtype=np.float64))
+            out["detection"] = judge_accuracy(labels, answers[start + 1]) if u.m > 0 else math.nan
+            out["fuzzing"] = judge_accuracy(fuzz_labels, answers[start + 2]) if fuzz_labels else math.nan
+            return out
+
+        before = scores(*next(at))
+        trials.append((before, {check: [scores(*next(at)) for _ in texts] for check, texts in perturbed.items()}))
+    return trials
 
 
 def _tally(trials: list[Trial]) -> dict[str, dict[str, Any]]:
@@ -247,21 +314,26 @@ def sanity_checks(lines: Sequence[dict[str, Any]], simulator: Simulator | None =
                   draws: int = 1) -> dict[str, Any]:
     """NeuronEval's missing- and extra-labels checks on scoring lines (each with layer and neuron, as the JSONL
     lines have them): the label-level checks on every line whose simulation has a positive and a negative token,
-    and with `simulator`, the explanation-level checks on its token-statistics explanations."""
+    and with `simulator`, the explanation-level checks on its live units' explanations (token statistics, and up to
+    TEXT_UNITS free-text ones)."""
     if draws < 1:
         raise ValueError(f"draws must be >= 1, not {draws}")
     units = [_Unit(line, seed) for line in lines]
     label_trials = [t for t in (_label_trial(u, draws) for u in units) if t is not None]
     stats = [u for u in units if u.line["explanation"].startswith(STATS_PREFIX)]
-    expl_trials = [t for t in (_explanation_trial(u, simulator, draws) for u in stats) if t is not None] \
-        if simulator is not None else []
+    text = [u for u in units if u.m > 0 and not u.line["explanation"].startswith(STATS_PREFIX)]
+    sampled = sorted(text, key=lambda u: u.seed)[:TEXT_UNITS]
+    jobs = [(u, *made) for u in stats + sampled if (made := _explanation_texts(
+        u, [v.line["explanation"] for v in text if v.line["layer"] == u.line["layer"]], draws)) is not None]
+    expl_trials = _explanation_trials(jobs, simulator) if simulator is not None and jobs else []
     notes = [f"pass: >= {PASS_PCT:g}% on every check that ran (NeuronEval's code states no threshold; their table "
              "marks 93.6 as a pass and 89.5 as a fail)"]
     if simulator is None:
         notes.append("no simulator: the explanation-level checks did not run")
-    if len(stats) < len(units):
-        notes.append(f"{len(units) - len(stats)} of {len(units)} explanations are free text (an LLM's, or a dead "
-                     "unit's placeholder), not token statistics: only the label-level checks run on them")
+    if text:
+        notes.append(f"{len(text)} of {len(units)} explanations are free text (an LLM's): at explanation level made "
+                     "narrower (part of what they list) and broader (joined with another unit's), NeuronEval's "
+                     f"semantic subclass and superclass tests; {len(sampled)} tested")
     label = _tally(label_trials) if label_trials else None
     explanation = _tally(expl_trials) if expl_trials else None
     levels = [x for x in (label, explanation) if x]
@@ -274,7 +346,7 @@ def sanity_checks(lines: Sequence[dict[str, Any]], simulator: Simulator | None =
         "passes_by_level": {name: {m: _passes([row]) for m, row in level.items()} if level else None
                             for name, level in (("label", label), ("explanation", explanation))},
         "units": {"lines": len(units), "label_tested": len(label_trials), "stats_explanations": len(stats),
-                  "explanation_tested": len(expl_trials)},
+                  "text_explanations": len(text), "explanation_tested": len(expl_trials)},
         "settings": {"r_minus": R_MINUS, "r_plus": R_PLUS, "epsilon": EPSILON, "pass_pct": PASS_PCT, "draws": draws,
                      "seed": seed},
         "notes": notes,
@@ -282,4 +354,5 @@ def sanity_checks(lines: Sequence[dict[str, Any]], simulator: Simulator | None =
 
 
 __all__ = ["METRICS", "RANGES", "CHECKS", "R_MINUS", "R_PLUS", "EPSILON", "PASS_PCT", "f1", "iou", "cosine",
-           "relative_change", "missing_labels", "extra_labels", "drop_tokens", "add_tokens", "sanity_checks"]
+           "relative_change", "missing_labels", "extra_labels", "drop_tokens", "add_tokens", "listed_items", "narrower",
+           "broader", "TEXT_UNITS", "sanity_checks"]
