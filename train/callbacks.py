@@ -131,6 +131,18 @@ class StepMetrics(Callback):
         self._t0, self._steps = now, 0
 
 
+class ValidationLog(Callback):
+    """The periodic validation loss to the loggers at the optimizer step whose weights it measured (Lightning's own
+    logging labels it with the step before); the final validation goes as final/val_loss (crate.train.run)."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        if trainer.sanity_checking or getattr(trainer.datamodule, "final", False) or loss is None:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics({"val/loss": float(loss)}, step=trainer.global_step)
+
+
 class Interrupted(BaseException):
     """A signal during the final validation: stop it (the run resumes there); not an Exception, so that
     nothing on the way mistakes it for an error to handle."""

@@ -20,6 +20,7 @@ from crate.atomic import atomic_file, remove_stale_temporaries
 from crate.config import IMPLEMENTATION_KEYS
 from crate.errors import CheckpointError
 from crate.loading import read_checkpoint_identity
+from crate.train.export import grid_points
 
 PERIODIC = re.compile(r"^step-(\d+)\.ckpt$")
 
@@ -69,6 +70,10 @@ def tidy_run_folder(run_dir: Path, keep: int, resume: Path | None, resume_step: 
         print(f"removed {p} (left by a killed launch)", flush=True)
     for p in prune_checkpoints(ckpt_dir, keep, after=resume_step, protect=resume):
         print(f"removed {p} (beyond train.ckpt_keep={keep}, or after the resumed step {resume_step})", flush=True)
+    for step, p in grid_points(run_dir).items():
+        if step > resume_step:  # a grid point of the continuation the resumed checkpoint does not hold
+            shutil.rmtree(p)
+            print(f"removed {p} (after the resumed step {resume_step})", flush=True)
     last = ckpt_dir / "last.ckpt"
     if resume is not None and resume.parent.resolve() == ckpt_dir.resolve() and resume.name != last.name:
         tmp = ckpt_dir / f".last.ckpt.tmp{os.getpid()}"

@@ -64,6 +64,9 @@ class TrainConfig:
     final_val_batches: int | None = None  # None = the whole val split (capped at 1000 micro-batches)
     ckpt_every: int = 500  # steps
     ckpt_keep: int = 3  # periodic checkpoints kept (last and best are kept besides); -1 keeps all
+    # steps; 0: none. Weights only, in our format, each with its validation loss: grid/step-<N>/ (a multiple of
+    # val_every), for comparisons at matched loss (`crate study`)
+    grid_every: int = 0
 
 
 @dataclass
@@ -122,6 +125,10 @@ class RunConfig:
             raise ConfigError(
                 f"train.batch_size={t.batch_size} (global) must be a multiple of train.micro_batch_size={t.micro_batch_size}"
             )
+        if t.grid_every and (not t.val_every or t.grid_every % t.val_every):
+            raise ConfigError(f"train.grid_every={t.grid_every} must be a multiple of train.val_every={t.val_every} "
+                              "(each grid checkpoint carries the validation loss of its step): set train.val_every to "
+                              "a divisor of it")
         if t.min_lr > t.lr:
             raise ConfigError(f"train.min_lr={t.min_lr} must not exceed train.lr={t.lr} (the cosine decays from lr to min_lr)")
 
@@ -178,6 +185,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.final_val_batches": (_positive, "> 0"),
     "train.ckpt_every": (_positive, "> 0"),
     "train.ckpt_keep": (lambda v: v == -1 or v >= 1, "-1 (keep all) or >= 1"),
+    "train.grid_every": (_non_negative, ">= 0 (0: no grid)"),
     "system.num_nodes": (_positive, "> 0"),
     "system.log_every": (_positive, "> 0"),
     "system.peak_flops": (_positive, "> 0"),

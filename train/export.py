@@ -1,13 +1,16 @@
-"""A trained model in our checkpoint format (what `crate.load` reads): the end of `crate train`, and
-`crate export` of any Lightning checkpoint of ours.
+"""A trained model in our checkpoint format (what `crate.load` reads): the end of `crate train`, the grid of
+weights-only checkpoints a run keeps along the way (`train.grid_every`), and `crate export` of any Lightning
+checkpoint of ours.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from crate.atomic import write_bytes
 from crate.loading import model_from_state, read_checkpoint_identity
@@ -27,6 +30,40 @@ def export_model(model: Any, out: Path, train_cfg: dict[str, Any] | None, tok: A
     if tok is not None:
         write_bytes(path / "tokenizer.json", tok.to_str().encode())
     return path
+
+
+GRID = "grid"
+_GRID_POINT = re.compile(r"^step-(\d+)$")
+
+
+def grid_points(run_dir: str | Path) -> dict[int, Path]:
+    """{step: checkpoint directory} of a run's grid (<run>/grid/step-<N>/), in step order."""
+    folder = Path(run_dir) / GRID
+    found = (_GRID_POINT.match(p.name) for p in folder.iterdir()) if folder.is_dir() else ()
+    return dict(sorted((int(m.group(1)), folder / m.group(0)) for m in found if m))
+
+
+class GridExport(Callback):
+    """Every `every` steps, at the periodic validation of that step: the weights in our format, with that
+    validation loss in their metadata, into <run>/grid/step-<N>/ (cheap: no optimizer state). The final validation
+    (over final_val_batches) is not a grid point: every point's loss comes from the same val_batches windows, so
+    the points compare with each other (final/ holds the final one)."""
+
+    def __init__(self, run_dir: Path, every: int, model_cfg: dict[str, Any], tok: Any, tok_id: dict[str, Any],
+                 manifest: dict[str, Any], data_dir: Path):
+        self.run_dir, self.every, self.model_cfg = run_dir, every, model_cfg
+        self.tok, self.tok_id, self.manifest, self.data_dir = tok, tok_id, manifest, data_dir
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        step = trainer.global_step
+        if trainer.sanity_checking or getattr(trainer.datamodule, "final", False) or not step or step % self.every:
+            return
+        state = trainer.strategy.lightning_module_state_dict()  # on every rank: FSDP gathers the weights to rank 0
+        if trainer.is_global_zero:
+            loss = trainer.callback_metrics.get("val/loss")
+            export_model(model_from_state(self.model_cfg, state), Path(self.run_dir) / GRID / f"step-{step:07d}",
+                         pl_module.train_cfg, self.tok, self.tok_id, self.manifest, step,
+                         float(loss) if loss is not None else None, self.data_dir)
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, data_dir: str | Path | None = None) -> Path:

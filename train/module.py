@@ -106,7 +106,8 @@ class LMModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(*batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, on_epoch=True, on_step=False)
+        # to the loggers by crate.train.callbacks.ValidationLog, at the step it measures (Lightning's is one early)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, on_epoch=True, on_step=False, logger=False)
         return loss
 
     # --- optimizer ------------------------------------------------------------------------------

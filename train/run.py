@@ -10,6 +10,8 @@ A run directory holds
     checkpoints/last.ckpt   Lightning checkpoints: last, every `ckpt_every` steps (the newest `ckpt_keep`),
     checkpoints/best.ckpt   and the best validation loss; each written atomically
     final/                  the finished model in our format (`crate.load` reads it)
+    grid/step-<N>/          with train.grid_every: the weights every grid_every steps, in the same format, each with
+                            its validation loss (config.json's metadata), for comparisons at matched loss
 
 A run folder is written by one training at a time: when one starts, it removes what killed launches left
 (temporaries of atomic writes, periodic checkpoints beyond `ckpt_keep` or after the step it resumes from).
@@ -39,10 +41,10 @@ from crate.config import ModelConfig
 from crate.errors import CheckpointError, ConfigError, DataError
 from crate.loading import model_from_state, read_checkpoint_identity
 from crate.provenance import STAMP, check_owned
-from crate.train.callbacks import Interrupted, MetricsCSV, Preemption, StepMetrics
+from crate.train.callbacks import Interrupted, MetricsCSV, Preemption, StepMetrics, ValidationLog
 from crate.train.checkpoint_io import AtomicCheckpointIO, check_resume, recovery_advice, tidy_run_folder
 from crate.train.config import RunConfig, load_recipe
-from crate.train.export import export_model
+from crate.train.export import GRID, GridExport, export_model
 from crate.train.flops import flops_per_token, peak_flops
 
 
@@ -156,7 +158,7 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-RUN_OUTPUTS = ("config.yaml", "metrics.csv", "checkpoints", "final", STAMP)
+RUN_OUTPUTS = ("config.yaml", "metrics.csv", "checkpoints", "final", GRID, STAMP)
 
 
 def _check_new_run_dir(run_dir: Path) -> None:
@@ -346,6 +348,10 @@ def _callbacks(cfg: RunConfig, ckpt_dir: Path, inputs: _Inputs, tokens_per_step:
     peak = cfg.system.peak_flops or peak_flops()
     fpt = flops_per_token(inputs.model_cfg, inputs.context)["train"]
     callbacks.append(StepMetrics(tokens_per_step, fpt, peak, cfg.system.log_every, echo=not show_progress))
+    callbacks.append(ValidationLog())
+    if t.grid_every:
+        callbacks.append(GridExport(ckpt_dir.parent, t.grid_every, inputs.model_cfg.to_dict(), inputs.tok,
+                                    inputs.tok_id, inputs.manifest, inputs.data_dir))
     preemption = Preemption(ckpt_dir / "last.ckpt", requeue=True)
     callbacks.append(preemption)
     if show_progress and cfg.system.progress_bar:
@@ -391,12 +397,13 @@ def _validate_and_export(trainer: L.Trainer, module: Any, datamodule: Any, preem
     """Every step done: the final eval over the val split (or final_val_batches of it), then our checkpoint format."""
     datamodule.final = True
     try:
-        result = trainer.validate(module, datamodule=datamodule, verbose=False)
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # Lightning clears the metrics first
     except Interrupted:  # a signal during it: the steps are done and checkpointed; a resume validates again
         return _stopped(summary, preemption)
     finally:
         preemption.restore()
-    val_loss = float(result[0]["val/loss"]) if result else float("nan")
+    loss = trainer.callback_metrics.get("val/loss")  # logged for the progress bar and callbacks, not the loggers
+    val_loss = float(loss) if loss is not None else float("nan")
     summary["val_loss"] = val_loss
     summary["val_ppl"] = math.exp(val_loss) if val_loss < 50 else float("inf")
     state = trainer.strategy.lightning_module_state_dict()  # on every rank: FSDP gathers the weights to rank 0
