@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from crate.errors import CrateError
+from crate.eval.stats import claims as claim_stats
 from crate.eval.stats import neurons as neuron_stats
 from crate.eval.stats import seeds as seed_stats
+from crate.eval.validity.flags import comparison_flags
 from crate.eval.report.study_claims import claims
+from crate.eval.report.tables import fmt_ci
 
 
 def test_seed_aware_interval_of_a_hand_computed_case():
@@ -124,7 +127,9 @@ def test_seed_compare_resamples_the_systems_apart():
     (0.5, 2.0, 1, "holds"), (0.5, 2.0, -1, "reversed"), (-2.0, -0.1, -1, "holds"), (-2.0, -0.1, 1, "reversed"),
     (-0.1, 2.0, 1, "not resolved"), (-1.0, 0.0, -1, "not resolved"), (math.nan, 1.0, 1, "not resolved"),
 ])
-def test_verdict_reads_the_interval(lo, hi, direction, expected):
+def test_seed0_verdict_reads_one_interval_uncorrected(lo, hi, direction, expected):
+    # what a one-model study concludes (the verdict table's seed-0 columns); the seed-aware verdicts are read as a
+    # family (tests/test_study_statistics.py)
     assert seed_stats.verdict(lo, hi, direction) == expected
 
 
@@ -148,18 +153,20 @@ def test_claims_take_their_direction_from_the_papers_numbers():
 # --------------------------------------------------------------------------------------------------------
 # a reduced study end to end
 
-REDUCED = dict(sizes=["1L", "2L"], seeds=2, steps=3, vocab_size=300, max_documents=1, sae=False, neurons=12,
-               control_neurons=4, llm_neurons=0, n_tokens=2048, context=32, n_boot=300, jobs=1,
+REDUCED = dict(sizes=["1L", "2L"], seeds=2, steps=3, grid=3, curve_neurons=4, vocab_size=300, max_documents=1,
+               sae=False, neurons=12, control_neurons=4, llm_neurons=0, n_tokens=2048, context=32, n_boot=300, jobs=1,
                overrides=["model.n_embd=16", "model.n_head=2", "train.val_batches=1", "train.final_val_batches=1"])
 
 
-def _scores(out: Path, seed: int, size: str, arch: str) -> dict[str, list[float]]:
-    """x100 scores by layer, read straight from the JSONL files (null = NaN left out)."""
-    folder = out / "interpret" / f"seed{seed}" / size / arch / "scores" / "tar"
+def _scores(out: Path, seed: int, size: str, arch: str, where: str | None = None,
+            metric: str = "score") -> dict[str, list[float]]:
+    """x100 values of `metric` by layer, read straight from the JSONL files (null = NaN left out) of a system's
+    scored folder (or of the folder `where` under `out`)."""
+    folder = out / (where or f"interpret/seed{seed}/{size}/{arch}") / "scores" / "tar"
     layers = {}
     for f in sorted(folder.glob("*.jsonl")):
         rows = [json.loads(line) for line in f.read_text().splitlines()]
-        layers[f.stem] = [100 * r["score"] for r in rows if r["score"] is not None]
+        layers[f.stem] = [100 * r[metric] for r in rows if r[metric] is not None]
     return layers
 
 
@@ -192,18 +199,89 @@ def test_reduced_study_end_to_end_resumes_and_refuses_other_inputs(tmp_path, cap
     assert "seed: 1337" in configs[0] and "seed: 1338" in configs[1]
     keys = {r["key"] for r in summary["inputs"] if r["kind"] == "trained" and r["size"] == "2L" and r["system"] == "crate"}
     assert len(keys) == 2
+    # each training seed draws its own neuron samples and random records (interpretation seed + k)
+    drawn = [json.loads((out / "interpret" / f"seed{s}" / "1L" / "crate" / "provenance.json").read_text())["seed"]
+             for s in (0, 1)]
+    assert drawn == [0, 1]
     # one random init per training seed for the controls
     weights = {json.loads((out / "interpret" / f"seed{s}" / "1L" / "gpt-control" / "provenance.json").read_text())
                ["model"]["weights_fingerprint"] for s in (0, 1)}
     assert len(weights) == 2
-    # a verdict row per claim these sizes can test, read from its own interval
-    verdicts = {r["claim"]: r for r in summary["tables"]["verdicts"]}
-    assert set(verdicts) == {"CRATE < GPT at 1L", "CRATE > GPT at 2L", "CRATE's layer variance < GPT's at 2L"}
+    # a verdict row per claim these sizes can test, all three read as one Holm family from the per-seed values: a
+    # Welch test each and a TOST for the two mean claims (the variance claim has no margin)
+    # the matched-loss reading, recomputed from the files: each grid checkpoint's validation loss (its config.json)
+    # and its sample's scores (the JSONL files); both paths fall monotonically here, so numpy's interpolation
+    # (over the reversed path) is the reference
+    matched = {(r["size"], r["seed"]): r for r in summary["tables"]["matched_loss"]}
+    for size in ("1L", "2L"):
+        for s in (0, 1):
+            path = {}
+            for arch in ("crate", "gpt"):
+                steps = [1, 2, 3]
+                losses = [json.loads((out / "runs" / f"seed{s}" / f"{arch}-{size}" / "grid" / f"step-{k:07d}" /
+                                      "config.json").read_text())["metadata"]["val_loss"] for k in steps]
+                scores = [_model_score(_scores(out, s, size, arch, f"curves/seed{s}/{size}/{arch}/step-{k:07d}"))
+                          for k in steps]
+                assert all(a > b for a, b in zip(losses, losses[1:])) and all(
+                    len(v) == 4 for v in _scores(out, s, size, arch, f"curves/seed{s}/{size}/{arch}/step-0000001").values())
+                path[arch] = (losses, scores)
+            target = max(path["crate"][0][-1], path["gpt"][0][-1])
+            row = matched[(size, s)]
+            assert row["matched val loss"] == pytest.approx(target)
+            for arch, col in (("crate", "CRATE at matched loss"), ("gpt", "GPT at matched loss")):
+                losses, scores = path[arch]
+                expected = np.interp(target, losses[::-1], scores[::-1]) if losses[0] >= target else math.nan
+                assert row[col] == pytest.approx(expected, nan_ok=True), (size, s, arch)
+    # a verdict row per claim and reading, all read as one Holm family from the per-seed values: a Welch test each
+    # and a TOST for every mean-claim row (the variance claim has no margin, and no matched-loss reading)
+    rows = summary["tables"]["verdicts"]
+    verdicts = {(r["claim"], r["reading"]): r for r in rows}
+    assert [r["reading"] for r in rows] == ["matched loss"] * 2 + ["equal steps"] * 3  # matched loss first
+    assert {c for c, _ in verdicts} == {"CRATE < GPT at 1L", "CRATE > GPT at 2L", "CRATE's layer variance < GPT's at 2L"}
+    for size, claim in (("1L", "CRATE < GPT at 1L"), ("2L", "CRATE > GPT at 2L")):
+        per_seed = verdicts[(claim, "matched loss")]["numbers"]["per_seed"]
+        assert [m["a"] for m in per_seed] == pytest.approx([matched[(size, s)]["CRATE at matched loss"] for s in (0, 1)],
+                                                           nan_ok=True)
+
+    def sides(v):
+        if v["reading"] == "matched loss":
+            return [m["a"] for m in v["numbers"]["per_seed"]], [m["b"] for m in v["numbers"]["per_seed"]]
+        return v["numbers"]["a"]["per_seed"], v["numbers"]["b"]["per_seed"]
+
+    tests = [claim_stats.welch_tests(*sides(v), None if "variance" in v["claim"] else claim_stats.MARGINS["mean"])
+             for v in rows]
+    read, family = claim_stats.read_family(tests, [1 if ">" in v["claim"] else -1 for v in rows])
+    assert family == sum(math.isfinite(t["p"]) + math.isfinite(t["p_tost"]) for t in tests) >= 5
+    assert f"its {family} p-values" in index.read_text()
+    for v, r in zip(rows, read):
+        assert v["verdict"] == r["verdict"] and v["numbers"]["tests"]["p_holm"] == pytest.approx(r["p_holm"],
+                                                                                                 nan_ok=True), v["claim"]
+    assert (out / "plots" / "score_vs_loss_TaR.png").stat().st_size > 1000
+    verdicts = {c: v for (c, reading), v in verdicts.items() if reading == "equal steps"}
+    assert verdicts["CRATE's layer variance < GPT's at 2L"]["margin"] is None
+    # beside each mean verdict: the scorer's checks over the seeds, from each seed's validity summaries, and the same
+    # difference in random-record correlation (a metric that passes NeuronEval's checks), from the score files
     v = verdicts["CRATE > GPT at 2L"]
-    assert v["verdict"] == seed_stats.verdict(*v["numbers"]["ci95_seeds"], 1)
+    flags: dict[str, int] = {}
+    for s in (0, 1):
+        va, vb = (json.loads((out / "interpret" / f"seed{s}" / "2L" / arch / "validity" / "tar" / "validity.json")
+                             .read_text()) for arch in ("crate", "gpt"))
+        d = v["numbers"]["a"]["per_seed"][s] - v["numbers"]["b"]["per_seed"][s]
+        for f in {f["flag"] for f in comparison_flags(va, vb, d / 100)} | (
+                {"correlation fails the sanity checks"} if False in (va["sanity"]["passes"]["correlation"],
+                                                                     vb["sanity"]["passes"]["correlation"]) else set()):
+            flags[f] = flags.get(f, 0) + 1
+    assert v["scorer's checks"] == (", ".join(f"{f} ({k}/2 seeds)" for f, k in sorted(flags.items())) or "none")
+    random = {arch: [_model_score(_scores(out, s, "2L", arch, metric="random_score")) for s in (0, 1)]
+              for arch in ("crate", "gpt")}
+    lo, hi = seed_stats.welch_interval(random["crate"], random["gpt"])
+    assert v["random-record correlation: 95% CI of the difference"] == fmt_ci(lo, hi)
+    v = verdicts["CRATE > GPT at 2L"]
+    assert v["verdict from seed 0 alone (uncorrected)"] == seed_stats.verdict(*v["numbers"]["ci95_seed0"], 1)
     assert v["difference"] == pytest.approx(systems[("2L", "CRATE", "correlation")]["estimate"]
                                             - systems[("2L", "GPT", "correlation")]["estimate"])
-    assert "| CRATE > GPT at 2L | TaR |" in first and (out / "plots" / "score_vs_depth_TaR.png").stat().st_size > 1000
+    assert all(f"| CRATE > GPT at 2L | {reading} | TaR |" in first for reading in ("matched loss", "equal steps"))
+    assert (out / "plots" / "score_vs_depth_TaR.png").stat().st_size > 1000
     assert "## Verdicts" in index.read_text() and "Random-initialisation controls" in index.read_text()
     # the scorer's own controls, validated on every trained model: a one-key indicator scores 100 with stats
     validity = {(r["size"], r["system"], r["planted family"]): r for r in summary["tables"]["validity"]}
@@ -232,7 +310,7 @@ def test_reduced_study_end_to_end_resumes_and_refuses_other_inputs(tmp_path, cap
     assert json.loads((out / "timings.json").read_text())["runs"] != json.loads(timings)["runs"]
     # other inputs are refused, naming the difference; nothing is discarded without --overwrite
     with pytest.raises(CrateError, match="max_steps"):
-        study(StudyOptions(out=out, **{**REDUCED, "steps": 4}))
+        study(StudyOptions(out=out, **{**REDUCED, "steps": 6}))
     assert (out / "runs" / "seed0" / "crate-1L" / "final" / "config.json").is_file()
 
 

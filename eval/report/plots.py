@@ -1,5 +1,5 @@
 """The reports' figures (matplotlib, drawn off-screen): per-layer scores against the paper's means, validation-loss
-curves, and the study's score against depth over training seeds."""
+curves, and the study's score against depth over training seeds and against validation loss along training."""
 
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_layer_scores(by_arch: dict[str, ModelResult], size: str, protocol: str, path: Path, seed: int = 0,
@@ -51,10 +58,7 @@ def plot_layer_scores(by_arch: dict[str, ModelResult], size: str, protocol: str,
     ax.set_ylabel("score (correlation x100)")
     ax.set_title(f"{size}, {protocol}{'' if scorer == '-' else ', ' + scorer}: per-layer scores, 95% CI")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_val_loss(runs: list[TrainRun], path: Path) -> Path:
@@ -70,10 +74,7 @@ def plot_val_loss(runs: list[TrainRun], path: Path) -> Path:
     ax.set_ylabel("validation loss")
     ax.set_title("Validation loss (dashed: the paper's final values)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_depth(systems_rows: list[dict[str, Any]], protocol: str, path: Path) -> Path:
@@ -106,8 +107,28 @@ def plot_depth(systems_rows: list[dict[str, Any]], protocol: str, path: Path) ->
     ax.set_title(f"{protocol}: mean over seeds, seed-aware 95% CI (t); seed 0 alone with its neurons' CI (thick); "
                  f"each seed (x)", fontsize=8)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
+
+
+def plot_score_vs_loss(paths: dict[tuple[str, str], list[list[tuple[float, float]]]], matched: dict[str, list[float]],
+                       sizes: list[str], protocol: str, path: Path) -> Path:
+    """Score against validation loss along training: one panel per size, each (size, arch)'s paths (one per seed,
+    (loss, score) points in step order; loss falling to the right), each seed's matched loss (`matched[size]`)
+    dotted."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.6), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for (where, arch), seeds in paths.items():
+            for k, points in enumerate(seeds if where == size else []):
+                ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, lw=1, color=COLORS.get(arch),
+                        alpha=0.8, label=SYSTEM_LABELS[arch] if k == 0 else None)
+        for loss in matched.get(size, []):
+            if np.isfinite(loss):
+                ax.axvline(loss, color="grey", lw=0.6, ls=":")
+        ax.invert_xaxis()
+        ax.set_title(f"{size}, {protocol}: each seed; matched loss dotted", fontsize=8)
+        ax.set_xlabel("validation loss (falling with training)")
+        ax.set_ylabel("score (correlation x100, neuron sample)")
+        ax.legend(fontsize=8)
+    return _save(plt, fig, path)

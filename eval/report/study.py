@@ -2,13 +2,16 @@
 intervals, the differences between systems, the spread across layers, controls, measures, and a verdict per claim.
 
     <out>/index.md                        everything below, verdicts first
-    <out>/tables/verdicts.{md,csv,tex}    one row per claim of the paper at these sizes: holds / reversed / not resolved
+    <out>/tables/verdicts.{md,csv,tex}    one row per claim of the paper at these sizes: holds / reversed / equivalent /
+                                          not resolved (Holm over the table, TOST with a margin)
+    <out>/tables/matched_loss.*           each seed's CRATE and GPT at the validation loss both reach (grid checkpoints)
     <out>/tables/validity.{md,csv,tex}    is the scorer valid? planted units through each scorer, systems' flags
     <out>/tables/systems.{md,csv,tex}     CRATE, GPT, GPT-SAE: estimate, seed-aware, bootstrap and seed-0 95% intervals
     <out>/tables/differences.{md,csv,tex} CRATE - GPT, GPT-SAE - GPT, CRATE - GPT-SAE, with both intervals
     <out>/tables/layer_variance.*         the population variance of the per-layer means, CRATE against GPT
     <out>/tables/controls.*, measures.*, val_loss.*, llm_sample.*
     <out>/plots/score_vs_depth_<protocol>.png   score against depth for every system, both intervals
+    <out>/plots/score_vs_loss_<protocol>.png    score against validation loss along training, every seed
     <out>/study.json                      the numbers, the settings, the machine and each input's provenance key
 
 Scores are x100 (correlations; detection and fuzzing are balanced accuracies x100). A model's score is the mean of
@@ -33,6 +36,8 @@ import numpy as np
 
 from crate.eval.report.plots import plot_depth
 from crate.eval.report.study_claims import verdicts_table
+from crate.eval.report.study_curves import matched_table, plot_curves, read_curves
+from crate.eval.report.study_layout import grid_steps
 from crate.eval.report.study_scores import Collected, unit_sizes
 from crate.eval.report.study_validity import validity_table
 from crate.eval.report.study_tables import (
@@ -86,7 +91,9 @@ def write_study_report(out: Path, opts: Any, units: list[Any], timings: dict[str
     n_boot, seed = opts.n_boot, opts.interpret_seed
     (out / "tables").mkdir(exist_ok=True)
     (out / "plots").mkdir(exist_ok=True)
-    tables = {"verdicts": verdicts_table(collected, sizes, opts.sae, opts.match, n_boot, seed),
+    curves = read_curves(out, units, grid_steps(opts.steps, opts.grid), collected.protocols)
+    tables = {"verdicts": verdicts_table(collected, sizes, opts.sae, opts.match, n_boot, seed, curves, opts.margin),
+              "matched_loss": matched_table(curves, sizes, collected.protocols),
               "validity": validity_table(collected, sizes),
               "systems": systems_table(collected, sizes, collected.systems, n_boot, seed),
               "differences": differences_table(collected, sizes, collected.systems, n_boot, seed),
@@ -100,9 +107,12 @@ def write_study_report(out: Path, opts: Any, units: list[Any], timings: dict[str
         shown.write(out / "tables", stem)
     plots = [plot_depth(tables["systems"].rows, p, out / "plots" / f"score_vs_depth_{p}.png").name
              for p in collected.protocols]
+    if curves:
+        plots += [plot_curves(curves, sizes, p, out / "plots" / f"score_vs_loss_{p}.png").name
+                  for p in collected.protocols]
     settings = _settings(opts, units, collected.protocols)
     _write_summary(out, units, timings, command, settings, tables, collected.inputs)
-    _write_index(out, units, timings, command, settings, tables, list(zip(collected.protocols, plots)))
+    _write_index(out, units, timings, command, settings, tables, plots)
     verdicts = tables["verdicts"]
     print(verdicts.title)
     print(Table("", [c for c in verdicts.columns if c != "seeds"], _public(verdicts.rows)).to_markdown())
@@ -121,7 +131,8 @@ def _settings(opts: Any, units: list[Any], protocols: list[str]) -> dict[str, An
             "sae": opts.sae, "protocols": protocols, "neurons": opts.neurons or "all",
             "control_neurons": "all" if opts.control_neurons is None else opts.control_neurons,
             "llm_neurons": opts.llm_neurons, "n_tokens": opts.n_tokens, "interpret_seed": opts.interpret_seed,
-            "n_boot": opts.n_boot, "overrides": list(opts.overrides)}
+            "n_boot": opts.n_boot, "overrides": list(opts.overrides), "grid": opts.grid,
+            "curve_neurons": opts.curve_neurons, "margin": opts.margin}
 
 
 def _write_summary(out: Path, units: list[Any], timings: dict[str, Any], command: str | None,
@@ -140,8 +151,8 @@ def _write_summary(out: Path, units: list[Any], timings: dict[str, Any], command
 
 
 def _write_index(out: Path, units: list[Any], timings: dict[str, Any], command: str | None,
-                 settings: dict[str, Any], tables: dict[str, Table], plots: list[tuple[str, str]]) -> None:
-    """<out>/index.md: every table with rows, verdicts first, the plots ((protocol, file) pairs) after the verdicts."""
+                 settings: dict[str, Any], tables: dict[str, Table], plots: list[str]) -> None:
+    """<out>/index.md: every table with rows, verdicts first, the plots (file names) after the verdicts."""
     wall, jobs = _seconds(timings)
     first_seed = min(u.seed for u in units)
     md = ["# crate-lm study: the paper's claim at CPU scale", ""]
@@ -150,8 +161,8 @@ def _write_index(out: Path, units: list[Any], timings: dict[str, Any], command: 
     md += ["", f"Settings: {json.dumps(settings)}", ""]
     md += ["Parameters: " + "; ".join(f"{u.size} CRATE {u.params['crate']:,} (n_hidden {u.n_hidden['crate']}) vs GPT "
                                       f"{u.params['gpt']:,}" for u in units if u.seed == first_seed), ""]
-    for stem in ("verdicts", "validity", "systems", "differences", "layer_variance", "controls", "measures", "val_loss",
-                 "llm_sample"):
+    for stem in ("verdicts", "matched_loss", "validity", "systems", "differences", "layer_variance", "controls",
+                 "measures", "val_loss", "llm_sample"):
         t = tables[stem]
         if not t.rows:
             continue
@@ -160,7 +171,7 @@ def _write_index(out: Path, units: list[Any], timings: dict[str, Any], command: 
         if stem == "systems":
             md += ["Detection and fuzzing: [tables/systems.md](tables/systems.md).", ""]
         if stem == "verdicts":
-            md += [f"![score against depth, {p}](plots/{name})" for p, name in plots] + [""]
+            md += [f"![{name[:-4].replace('_', ' ')}](plots/{name})" for name in plots] + [""]
         md += [f"Files: [tables/{stem}.md](tables/{stem}.md), [tables/{stem}.csv](tables/{stem}.csv)", ""]
     md += ["## How to read the intervals", "", __doc__.split("\n\n")[2].replace("\n", " "), ""]
     (out / "index.md").write_text("\n".join(md) + "\n", encoding="utf-8")

@@ -12,3 +12,13 @@ def interpret_dir(out: Path, seed: int, size: str, system: str, llm: bool = Fals
 
 def run_dir(out: Path, seed: int, size: str, arch: str) -> Path:
     return out / "runs" / f"seed{seed}" / f"{arch}-{size}"
+
+
+def curve_dir(out: Path, seed: int, size: str, arch: str, step: int) -> Path:
+    """The neuron sample of one grid checkpoint (crate.train.export.GridExport) of a run, scored."""
+    return out / "curves" / f"seed{seed}" / size / arch / f"step-{step:07d}"
+
+
+def grid_steps(steps: int, grid: int) -> list[int]:
+    """The steps of a run's grid checkpoints: every steps / grid steps, the last at `steps` (none when grid is 0)."""
+    return [steps // grid * i for i in range(1, grid + 1)] if grid else []

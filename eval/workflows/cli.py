@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from crate.argtypes import nonnegative_int, positive_int
+from crate.argtypes import nonnegative_int, positive_float, positive_int
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -55,7 +55,7 @@ def cmd_study(args: argparse.Namespace) -> int:
                         neurons=count(args.neurons), control_neurons=count(args.control_neurons),
                         llm_neurons=args.llm_neurons, n_tokens=args.tokens, interpret_seed=args.seed,
                         overrides=args.overrides, max_documents=args.documents, overwrite=args.overwrite,
-                        jobs=args.jobs)
+                        jobs=args.jobs, grid=args.grid, curve_neurons=args.curve_neurons, margin=args.margin)
     study(opts, command="crate " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else None)
     return 0
 
@@ -86,6 +86,12 @@ def add_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the neuron samples and random records (default 0)")
     p.add_argument("--jobs", type=positive_int, default=None,
                    help="(seed, size) runs at once, in processes sharing the cores (default: 2 on 2 cores or more)")
+    p.add_argument("--grid", type=nonnegative_int, default=8,
+                   help="checkpoints kept per run, every steps/grid steps, for the matched-loss reading (default 8; 0: none)")
+    p.add_argument("--curve-neurons", type=positive_int, default=32,
+                   help="neurons per layer scored at every grid checkpoint (default 32)")
+    p.add_argument("--margin", type=positive_float, default=5.0,
+                   help="equivalence margin of the mean-score claims, in x100 score points (default 5)")
     p.add_argument("--overwrite", action="store_true", help="discard outputs of other inputs (otherwise refused)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="model.* / train.* overrides for every run, e.g. train.lr=1e-3 model.n_embd=64")

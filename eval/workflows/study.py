@@ -8,6 +8,8 @@ intervals that include the training-seed noise (crate.eval.report.study).
                                                     detection and fuzzing
     <out>/interpret/seed<k>/<size>/<arch>-control/  a seeded sample of a random-initialised CRATE's or GPT's neurons
     <out>/interpret-smollm2/seed0/<size>/<arch>/     a seeded sample through the embedded SmolLM2 (first seed only)
+    <out>/curves/seed<k>/<size>/<arch>/step-<N>/     a neuron sample of each grid checkpoint (runs' grid/), scored:
+                                                    the matched-loss reading (crate.eval.stats.matched)
     <out>/timings.json                              seconds each (seed, size) took when it was computed, and the
                                                     study's wall time (summed over the invocations that computed)
     <out>/index.md ...                              the report (crate.eval.report.study), rewritten every time
@@ -31,17 +33,18 @@ from pathlib import Path
 from typing import Any
 
 from crate.errors import CrateError, PipelineError
-from crate.eval.report.study_layout import interpret_dir, run_dir
+from crate.eval.report.study_layout import curve_dir, grid_steps, interpret_dir, run_dir
 from crate.eval.workflows.lock import LOCK, WORKERS, folder_lock
 from crate.eval.workflows.steps import (
     ARCHS, CPU_SAE, interpret_model, log, matched_overrides, prepare_data, quiet, train_model, train_saes,
 )
 from crate.tokenizer import padded_vocab
+from crate.train.export import GRID
 
 STUDY_SIZES = ("1L", "2L", "3L")
 MATCHES = ("params", "width")
-STUDY_OUTPUTS = ("data", "runs", "interpret", "interpret-smollm2", "timings.json", "index.md", "study.json", "plots",
-                 "tables", LOCK, WORKERS)
+STUDY_OUTPUTS = ("data", "runs", "interpret", "interpret-smollm2", "curves", "timings.json", "index.md", "study.json",
+                 "plots", "tables", LOCK, WORKERS)
 # Per run: 200 steps of 32 x 64 tokens (410k tokens, about 1/3 of the corpus) at the demo's rates.
 STUDY_TRAIN = {"batch_size": 32, "micro_batch_size": 32, "lr": 3e-3, "min_lr": 3e-4, "val_batches": 4,
                "final_val_batches": 8}
@@ -62,12 +65,15 @@ class StudyOptions:
     control_neurons: int | None = 64  # random-init controls, per layer; 0: none, None: every neuron
     llm_neurons: int = 1  # per layer through SmolLM2, first seed only, TaR; 0: none
     n_tokens: int = 16 * 1024  # validation tokens recorded per model
-    interpret_seed: int = 0  # the neuron samples and random records: the same for every training seed
+    interpret_seed: int = 0  # + k for training seed k: its neuron samples, random records and control init
     n_boot: int = 2000
     overrides: list[str] = field(default_factory=list)  # model.* / train.* for every run (YAML values)
     max_documents: int | None = None
     overwrite: bool = False
     jobs: int | None = None  # (seed, size) units run at once; None: 2 when the machine has 2 cores or more
+    grid: int = 8  # checkpoints per run (every steps / grid steps, the last the final model) for matched loss; 0: none
+    curve_neurons: int = 32  # per layer, scored at every grid checkpoint (the same sample for every point)
+    margin: float = 5.0  # x100 score points: the equivalence margin of the mean-score claims (TOST)
 
 
 def default_jobs() -> int:
@@ -105,9 +111,13 @@ def build_units(opts: StudyOptions, data_dir: Path, vocab: int) -> list[Unit]:
     if bad or not opts.sizes:
         raise CrateError(f"unknown size(s) {', '.join(bad) or '(none given)'}: use presets among {', '.join(PRESETS)} "
                          f"(the study's are {', '.join(STUDY_SIZES)})")
+    if opts.grid and (not isinstance(opts.grid, int) or opts.grid < 0 or opts.steps % opts.grid):
+        raise CrateError(f"--grid {opts.grid!r}: the grid's points are every steps / grid steps, so it must divide "
+                         f"--steps {opts.steps} (or be 0: no matched-loss reading)")
+    every = opts.steps // opts.grid if opts.grid else max(1, opts.steps // 4)
     train = {**STUDY_TRAIN, "max_steps": opts.steps, "context": opts.context,
-             "warmup_steps": max(1, min(50, opts.steps // 10)), "val_every": max(1, opts.steps // 4),
-             "ckpt_every": opts.steps}
+             "warmup_steps": max(1, min(50, opts.steps // 10)), "val_every": every,
+             "grid_every": every if opts.grid else 0, "ckpt_every": opts.steps}
     base = apply_overrides({"model": {}, "train": train}, opts.overrides)
     extra = set(base) - {"model", "train"}
     if extra:
@@ -168,12 +178,15 @@ def preflight(opts: StudyOptions) -> list[str]:
             problems.append(f"protocol {p!r}: {e}")
     for name, value, low in (("--steps", opts.steps, 1), ("--context", opts.context, 8), ("--tokens", opts.n_tokens, 1),
                              ("--llm-neurons", opts.llm_neurons, 0), ("--boot", opts.n_boot, 100),
-                             ("--jobs", opts.jobs if opts.jobs is not None else 1, 1)):
+                             ("--jobs", opts.jobs if opts.jobs is not None else 1, 1), ("--grid", opts.grid, 0),
+                             ("--curve-neurons", opts.curve_neurons, 1)):
         if not isinstance(value, int) or value < low:
             problems.append(f"{name} must be an integer >= {low}, got {value!r}")
     for name, value in (("--neurons", opts.neurons), ("--control-neurons", opts.control_neurons)):
         if value is not None and (not isinstance(value, int) or value < (1 if name == "--neurons" else 0)):
             problems.append(f"{name} must be a positive integer (or all), got {value!r}")
+    if not isinstance(opts.margin, (int, float)) or not 0 < opts.margin < float("inf"):
+        problems.append(f"--margin must be a finite number of score points > 0, got {opts.margin!r}")
     if opts.sae and importlib.util.find_spec("sae_lens") is None:
         problems.append('GPT-SAE needs SAELens: pip install -e ".[sae]", or pass --no-sae')
     if opts.llm_neurons:
@@ -223,7 +236,15 @@ def _outputs(opts: StudyOptions, unit: Unit) -> list[Path]:
         paths += [folder / "scores" / get_protocol(p).name / ".provenance.json" for p in opts.protocols]
     if unit.seed == 0 and opts.llm_neurons:
         paths += [interpret_dir(out, 0, unit.size, arch, llm=True) / "summary.json" for arch in ARCHS]
+    paths += [d / "scores" / get_protocol(p).name / ".provenance.json" for d in _curve_dirs(opts, unit).values()
+              for p in opts.protocols]
     return paths
+
+
+def _curve_dirs(opts: StudyOptions, unit: Unit) -> dict[tuple[str, int], Path]:
+    """{(arch, step): folder} of a unit's scored grid checkpoints."""
+    return {(arch, step): curve_dir(Path(opts.out), unit.seed, unit.size, arch, step)
+            for arch in ARCHS for step in grid_steps(opts.steps, opts.grid)}
 
 
 def _systems(opts: StudyOptions) -> list[str]:
@@ -244,7 +265,7 @@ def run_unit(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float) -> None:
         checkpoints["gpt-sae"] = train_saes(Path(checkpoints["gpt"]), data_dir, t0, opts.overwrite, seed=unit.seed,
                                             seq_len=opts.context, **CPU_SAE)
     common = dict(explainer="stats", simulator="stats", seq_len=opts.context, n_tokens=opts.n_tokens,
-                  seed=opts.interpret_seed, batch_size=32, n_boot=opts.n_boot, write_json=False,
+                  seed=opts.interpret_seed + unit.seed, batch_size=32, n_boot=opts.n_boot, write_json=False,
                   overwrite=opts.overwrite)
     for name, ckpt in checkpoints.items():
         label = f"{name}-{unit.size} seed {unit.seed}"
@@ -255,8 +276,12 @@ def run_unit(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float) -> None:
                 # one random init per training seed: the interpretation seed also seeds the control's init
                 interpret_model(f"{label} (random init)", ckpt, data_dir,
                                 interpret_dir(out, unit.seed, unit.size, f"{name}-control"), protocol, t0,
-                                **{**common, "neurons": opts.control_neurons, "control": True,
-                                   "seed": opts.interpret_seed + unit.seed})
+                                **{**common, "neurons": opts.control_neurons, "control": True})
+    for (arch, step), folder in _curve_dirs(opts, unit).items():  # the same neuron sample at every point
+        point = run_dir(out, unit.seed, unit.size, arch) / GRID / f"step-{step:07d}"
+        for protocol in opts.protocols:
+            interpret_model(f"{arch}-{unit.size} seed {unit.seed} at step {step}", str(point), data_dir, folder,
+                            protocol, t0, **{**common, "neurons": opts.curve_neurons})
     if unit.seed == 0 and opts.llm_neurons:
         for arch in ARCHS:
             interpret_model(f"{arch}-{unit.size} seed 0 (SmolLM2)", checkpoints[arch], data_dir,
@@ -288,12 +313,13 @@ def _unit_worker(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float, thre
 
 
 def unit_inputs(opts: StudyOptions) -> str:
-    """A digest of the options that shape a unit's outputs (not where they go, how many run at once, --overwrite)."""
+    """A digest of the options that shape a unit's outputs (not where they go, how many run at once, --overwrite, or
+    the margin, which only the report reads)."""
     from dataclasses import asdict
 
     from crate.provenance import digest
 
-    return digest({k: v for k, v in asdict(opts).items() if k not in ("out", "jobs", "overwrite")})
+    return digest({k: v for k, v in asdict(opts).items() if k not in ("out", "jobs", "overwrite", "margin")})
 
 
 def _run_units(opts: StudyOptions, units: list[Unit], data_dir: Path, t0: float, jobs: int, reused: dict[str, bool]):
