@@ -135,10 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with KEY=VALUE overrides accepted wherever they stand: argparse takes a positional list only
+    as one run, so overrides on both sides of the options (`crate train a=1 --out x b=2`) left the second group
+    "unrecognized"; they join the first. Anything else unknown is still a usage error."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray or (extra and not isinstance(getattr(args, "overrides", None), list)):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides += extra
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from crate.errors import CrateError
 
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     terminated: list[int] = []
     previous = _stop_on_sigterm(terminated) if args.command != "train" else None  # train handles its own signals
     try:

@@ -77,3 +77,21 @@ def test_a_demo_of_the_defaults_is_the_demo_with_no_flags(monkeypatch, tmp_path)
     assert explicit.n_tokens == bare.n_tokens == 16384
     assert (explicit.steps, explicit.neurons) == (demo_module.DEMO_STEPS, demo_module.DEMO_NEURONS)
     assert bare.steps is None and bare.neurons is None  # filled in by demo(): DEMO_STEPS, DEMO_NEURONS
+
+
+def test_overrides_are_taken_on_both_sides_of_the_options(tmp_path, capsys):
+    """argparse takes a positional list as one run: KEY=VALUE after an option was "unrecognized". They join the
+    overrides wherever they stand; anything else unknown stays a usage error."""
+    from crate.cli import parse
+
+    args = parse(["train", "train.max_steps=3", "--out", "x", "model.n_layer=2"])
+    assert args.overrides == ["train.max_steps=3", "model.n_layer=2"] and args.out == "x"
+    assert parse(["study", "model.n_embd=64", "--seeds", "2", "train.lr=1e-3"]).overrides == [
+        "model.n_embd=64", "train.lr=1e-3"]
+    for argv in (["eval", "--checkpoint", "x", "a=b"], ["train", "--bogus"], ["train", "a=1", "--out", "x", "stray"]):
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert "unrecognized arguments" in capsys.readouterr().err
+    # the second group reaches the recipe: its mistyped key is what the run refuses, before anything is written
+    assert main(["train", "train.max_steps=3", "--out", str(tmp_path / "r"), "model.n_layerz=2"]) == 2
+    assert "n_layerz" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -22,6 +22,8 @@ def test_a_path_that_dips_and_rises_is_read_where_it_first_falls_to_the_target()
     losses, scores = [5.0, 3.0, 4.0, 3.5], [0.0, 40.0, 10.0, 20.0]
     assert score_at_loss(losses, scores, 4.0) == pytest.approx(20.0)  # between steps 1 and 2, not at step 3
     assert math.isnan(score_at_loss(losses, [0.0, math.nan, 10.0, 20.0], 4.0))  # a score it needs is missing
+    # a path that starts below the target never falls to it, even if it rises above it and falls back later
+    assert math.isnan(score_at_loss([3.0, 5.0, 3.5], [0.0, 10.0, 20.0], 4.0))
     with pytest.raises(ValueError, match="3 losses but 2 scores"):
         score_at_loss([1.0, 2.0, 3.0], [1.0, 2.0], 2.0)
 
@@ -38,3 +40,6 @@ def test_matched_pair_reads_both_runs_at_the_worse_final_loss():
     m = matched_pair(crate, fast)
     assert m["a"] == pytest.approx(30.0) and math.isnan(m["b"])
     assert math.isnan(matched_pair([], gpt)["loss"])
+    # a run without a final loss has no matched reading, whichever side it is on
+    for pair in ((crate, [(5.0, 20.0), (math.nan, 90.0)]), ([(5.0, 20.0), (math.nan, 90.0)], crate)):
+        assert all(math.isnan(v) for v in matched_pair(*pair).values())

@@ -319,9 +319,18 @@ def test_bad_study_options_fail_before_anything_is_written(tmp_path):
 
     cases = [({"sizes": ["4L"]}, "unknown size"), ({"overrides": ["train.lr=fast"]}, "train.lr"),
              ({"overrides": ["model.n_hidden=64"]}, "n_hidden"), ({"seeds": 0}, "--seeds"),
-             ({"protocols": ["tar", "nope"]}, "nope"), ({"overrides": ["data.path=x"]}, "model.\\* and train.\\*")]
+             ({"protocols": ["tar", "nope"]}, "nope"), ({"overrides": ["data.path=x"]}, "model.\\* and train.\\*"),
+             ({"grid": 2}, "--grid 2: .* must divide --steps 3"), ({"margin": 0.0}, "--margin")]
     for change, message in cases:
         out = tmp_path / "s"
         with pytest.raises(CrateError, match=message):
             study(StudyOptions(out=out, **{**REDUCED, **change}))
         assert not out.exists()
+
+
+def test_the_default_grid_divides_the_steps():
+    """Without --grid, the largest number of checkpoints up to 8 that divides --steps: the README's --steps 50 gets 5."""
+    from crate.eval.report.study_layout import grid_size, grid_steps
+
+    assert [grid_size(n, None) for n in (200, 50, 3, 7, 11, 1)] == [8, 5, 3, 7, 1, 1]
+    assert grid_steps(50, None) == [10, 20, 30, 40, 50] and grid_steps(200, 0) == [] and grid_steps(6, 2) == [3, 6]

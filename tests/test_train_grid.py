@@ -47,12 +47,22 @@ def test_grid_points_are_the_runs_models_with_their_validation_loss(data_dir: Pa
     assert all(torch.equal(v, final[k]) for k, v in crate.load(points[8]).state_dict().items())  # the same model
     assert not all(torch.equal(v, final[k]) for k, v in crate.load(points[4]).state_dict().items())
 
-    # a point of a lost continuation (after the step a resume starts from) goes; the run rewrites it for real
-    shutil.copytree(points[8], run / GRID / "step-0000012")
+    # the report's reading of the run: each validated step once, the last one the final validation's
+    from crate.eval.report.results import load_train_run
+
+    curve = load_train_run(run, run / "metrics.csv")
+    assert curve.steps == [2, 4, 6, 8] and curve.val_loss[-1] == pytest.approx(final_loss)
+
+    # a point of a lost continuation (after the step a resume starts from) and a killed export's temporary go; the
+    # points the resume keeps are untouched, and the run writes its new ones
+    before = {s: (p / "model.safetensors").read_bytes() for s, p in points.items()}
+    shutil.copytree(points[8], run / GRID / "step-0000016")
+    (run / GRID / ".step-0000010.tmp-x1y2").mkdir()
     resumed = recipe(data_dir, train__max_steps=12, train__val_every=2, train__grid_every=4, train__ckpt_every=4,
                      train__ckpt_keep=-1)
     train(resumed, out=run, progress=False)
-    assert list(grid_points(run)) == [4, 8, 12]
+    assert sorted(p.name for p in (run / GRID).iterdir()) == ["step-0000004", "step-0000008", "step-0000012"]
+    assert all((grid_points(run)[s] / "model.safetensors").read_bytes() == b for s, b in before.items())
     assert _metadata(grid_points(run)[12])["val_loss"] == pytest.approx(dict(metric_rows(run, "val/loss"))[12],
                                                                        rel=1e-6)
 

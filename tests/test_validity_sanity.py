@@ -2,6 +2,7 @@
 perturbations against their expected rates, NeuronEval's theoretical table reproduced on their setup, and the checks
 on constructed scoring lines where the answer is known both ways (a metric that must drop, one that must not)."""
 
+import json
 import math
 import re
 
@@ -256,17 +257,49 @@ def test_free_text_explanations_made_narrower_and_broader():
     assert any("10 of 10 explanations are free text" in x for x in out["notes"])
 
 
+def test_batched_explanation_trials_match_each_unit_alone():
+    """All units' questions go to the simulator in one batch; a unit with no active token asks no fuzzing question,
+    and the answers of the units after it must still be theirs: each unit's trial equals the one it gets alone."""
+    from crate.eval.validity.sanity import _Unit, _explanation_texts, _explanation_trials
+
+    def rec(text, rid, on):
+        toks = text.split()
+        return Window(tokens=toks, activations=[8.0 if on and t in ("cat", "dog") else 0.0 for t in toks], center=0,
+                      id=rid)
+
+    lines = []
+    for n, on in enumerate([True, False, True]):
+        windows = {"top": [rec("the cat sat on the dog", f"top:{i}", on) for i in range(4)],
+                   "random": [rec("a bird flew over the mat", f"random:{i}", on) for i in range(4)], "quantile": []}
+        line = score_neuron(windows, get_protocol("tar"), StatsExplainer(), StatsSimulator(), seed=n)
+        lines.append({**line, "layer": "0", "neuron": n, "max_activation": 8.0,
+                      "explanation": "cat and dog" if n != 2 else "cat, dog and the"})
+    units = [_Unit(x, 0) for x in lines]
+    jobs = [(u, *_explanation_texts(u, ["bird flew"], 2)) for u in units]
+    assert not any(any(a) for a in units[1].active_lists)  # the middle unit asks no fuzzing question
+    together = _explanation_trials(jobs, _Counting())
+    alone = [_explanation_trials([job], StatsSimulator())[0] for job in jobs]
+    assert len(together) == 3
+    for (b1, a1), (b2, a2) in zip(together, alone):
+        assert json.dumps(b1) == json.dumps(b2) and json.dumps(a1) == json.dumps(a2)
+
+
 def test_listed_items_narrower_broader_known_answers():
     rng = np.random.default_rng(0)
-    assert listed_items('the words "the", "a" and "an"') == ("the words ", ['"the"', '"a"', '"an"'])
-    assert listed_items("commas and periods") == ("", ["commas", "periods"])
-    assert listed_items("a, b; c / d or e") == ("", ["a", "b", "c", "d", "e"])
-    assert listed_items("Orange android") == ("", ["Orange android"])  # "or" and "and" as words only
-    assert listed_items("don't stop") == ("", ["don't stop"])  # an apostrophe is not a quote
+    assert listed_items('the words "the", "a" and "an"') == ("the words ", ['"the"', '"a"', '"an"'], "")
+    assert listed_items("commas and periods") == ("", ["commas", "periods"], "")
+    assert listed_items("a, b; c / d or e") == ("", ["a", "b", "c", "d", "e"], "")
+    assert listed_items("Orange android")[1] == []  # "or" and "and" as words only
+    assert listed_items("don't stop")[1] == []  # an apostrophe is not a quote
+    # no list: a conjunction of long parts, or a quoted word that is context rather than an item
+    assert listed_items("capitalized words and at the start of a line")[1] == []
+    assert listed_items('the word "the", especially after "of" or "in"') == (
+        'the word "the", especially after ', ['"of"', '"in"'], "")  # the list is "of" or "in"
     for _ in range(20):
-        less = narrower('the words "the", "a" and "an"', rng)
+        less = narrower('the words "the", "a" and "an" at the start of a sentence', rng)
         items = re.findall(r'"[^"]+"', less)
-        assert less.startswith("the words ") and 1 <= len(items) < 3 and set(items) <= {'"the"', '"a"', '"an"'}
+        assert less.startswith("the words ") and less.endswith(" at the start of a sentence")  # the context stays
+        assert 1 <= len(items) < 3 and set(items) <= {'"the"', '"a"', '"an"'}
     assert narrower("names of people", rng) is None  # lists one thing: no subclass
     assert broader("cats", ["cats", "Cats ", "dogs"], rng) == "cats, or dogs"  # its own text is no donor
     assert broader("cats", ["cats"], rng) is None

@@ -20,7 +20,7 @@ from crate.atomic import atomic_file, remove_stale_temporaries
 from crate.config import IMPLEMENTATION_KEYS
 from crate.errors import CheckpointError
 from crate.loading import read_checkpoint_identity
-from crate.train.export import grid_points
+from crate.train.export import GRID, grid_points
 
 PERIODIC = re.compile(r"^step-(\d+)\.ckpt$")
 
@@ -66,7 +66,8 @@ def tidy_run_folder(run_dir: Path, keep: int, resume: Path | None, resume_step: 
     checkpoints, and when resuming from a named checkpoint of this run, make last.ckpt that checkpoint (an
     automatic resume later must continue this history, not the abandoned one)."""
     ckpt_dir = run_dir / "checkpoints"
-    for p in remove_stale_temporaries(run_dir) + remove_stale_temporaries(ckpt_dir):
+    for p in remove_stale_temporaries(run_dir) + remove_stale_temporaries(ckpt_dir) + remove_stale_temporaries(
+            run_dir / GRID):
         print(f"removed {p} (left by a killed launch)", flush=True)
     for p in prune_checkpoints(ckpt_dir, keep, after=resume_step, protect=resume):
         print(f"removed {p} (beyond train.ckpt_keep={keep}, or after the resumed step {resume_step})", flush=True)

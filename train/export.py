@@ -53,10 +53,18 @@ class GridExport(Callback):
                  manifest: dict[str, Any], data_dir: Path):
         self.run_dir, self.every, self.model_cfg = run_dir, every, model_cfg
         self.tok, self.tok_id, self.manifest, self.data_dir = tok, tok_id, manifest, data_dir
+        self.warned = False
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         step = trainer.global_step
-        if trainer.sanity_checking or getattr(trainer.datamodule, "final", False) or not step or step % self.every:
+        if trainer.sanity_checking or getattr(trainer.datamodule, "final", False) or not step:
+            return
+        if step % self.every:  # Lightning schedules validations in micro-batches: a resume that changed them moves it
+            if trainer.is_global_zero and not self.warned:
+                print(f"warning: a validation at step {step} is off the grid (train.grid_every={self.every}), so the "
+                      "grid gets no point there; resume with the run's own micro_batch_size and devices to keep it",
+                      flush=True)
+                self.warned = True
             return
         state = trainer.strategy.lightning_module_state_dict()  # on every rank: FSDP gathers the weights to rank 0
         if trainer.is_global_zero:

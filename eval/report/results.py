@@ -331,6 +331,10 @@ def load_train_run(path: Path, csv_file: Path) -> TrainRun | None:
         losses.append(loss)
     if not losses:
         return None
+    # a step validated twice (the periodic validation at the last step, then the final one over the whole split):
+    # the later row stands
+    last = dict(zip(steps, losses))
+    steps, losses = list(last), list(last.values())
     config, metadata = run_config(path)
     model = config.get("model") if isinstance(config.get("model"), dict) else config
     arch = str(model.get("arch") or config.get("arch") or guess_arch(path.name))

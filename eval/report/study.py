@@ -37,7 +37,7 @@ import numpy as np
 from crate.eval.report.plots import plot_depth
 from crate.eval.report.study_claims import verdicts_table
 from crate.eval.report.study_curves import matched_table, plot_curves, read_curves
-from crate.eval.report.study_layout import grid_steps
+from crate.eval.report.study_layout import grid_size, grid_steps
 from crate.eval.report.study_scores import Collected, unit_sizes
 from crate.eval.report.study_validity import validity_table
 from crate.eval.report.study_tables import (
@@ -131,7 +131,7 @@ def _settings(opts: Any, units: list[Any], protocols: list[str]) -> dict[str, An
             "sae": opts.sae, "protocols": protocols, "neurons": opts.neurons or "all",
             "control_neurons": "all" if opts.control_neurons is None else opts.control_neurons,
             "llm_neurons": opts.llm_neurons, "n_tokens": opts.n_tokens, "interpret_seed": opts.interpret_seed,
-            "n_boot": opts.n_boot, "overrides": list(opts.overrides), "grid": opts.grid,
+            "n_boot": opts.n_boot, "overrides": list(opts.overrides), "grid": grid_size(opts.steps, opts.grid),
             "curve_neurons": opts.curve_neurons, "margin": opts.margin}
 
 

@@ -97,7 +97,8 @@ def verdict_rows(collected: Collected, claim_list: list[dict[str, Any]], n_boot:
     for c in claim_list:
         values = matched_values(curves or {}, c["size"], c["a"], c["b"], c["protocol"]) \
             if c["statistic"] == "mean" else None
-        if values:
+        if values:  # the seeds with a reading on both sides
+            values = [m for m in values if math.isfinite(m["a"]) and math.isfinite(m["b"])]
             a, b = [m["a"] for m in values], [m["b"] for m in values]
             found.append((c, "matched loss", {"per_seed": values, "ci95_seeds": seed_stats.welch_interval(a, b)},
                           claim_stats.welch_tests(a, b, margins["mean"])))
@@ -112,12 +113,13 @@ def verdict_rows(collected: Collected, claim_list: list[dict[str, Any]], n_boot:
     for (c, reading, d, _), t in zip(found, read):
         if reading == "matched loss":
             a, b = (np.asarray([m[side] for m in d["per_seed"]], dtype=float) for side in ("a", "b"))
-            ok = np.isfinite(a) & np.isfinite(b)
-            rows.append(_row(c, reading, t, here=f"{np.nanmean(a):.2f} vs {np.nanmean(b):.2f}" if ok.any() else "-",
+            first = d["per_seed"][0] if d["per_seed"] else {}
+            rows.append(_row(c, reading, t, here=f"{a.mean():.2f} vs {b.mean():.2f}" if len(a) else "-",
                              difference=t["difference"], **{"seed-aware 95% CI": fmt_ci(*d["ci95_seeds"])},
                              **{"scorer's checks": "-", RANDOM_DIFFERENCE: "-"},
-                             **{"seed 0 alone": float(a[0] - b[0]), "seed 0 95% CI (neurons)": "-", SEED0_VERDICT: "-",
-                                "seeds": int(ok.sum()), "_numbers": {**d, "tests": t}}))
+                             **{"seed 0 alone": first["a"] - first["b"] if first.get("seed") == 0 else math.nan,
+                                "seed 0 95% CI (neurons)": "-", SEED0_VERDICT: "-", "seeds": len(a),
+                                "_numbers": {**d, "tests": t}}))
             continue
         sound = collected.compare(*(("trained", c["size"], c[side], c["protocol"], "random_score") for side in "ab"),
                                   c["statistic"], n_boot, seed) if c["statistic"] == "mean" else None

@@ -54,12 +54,13 @@ def read_curves(out: Path, units: list[Any], steps: list[int],
 
 def matched_values(curves: dict[tuple[str, str, str], list[list[Point]]], size: str, a: str, b: str,
                    protocol: str) -> list[dict[str, Any]] | None:
-    """Per training seed, `a` and `b` at their matched validation loss (crate.eval.stats.matched.matched_pair);
-    None when either has no curve."""
+    """Per training seed (its index as "seed"), `a` and `b` at their matched validation loss
+    (crate.eval.stats.matched.matched_pair); None when either has no curve."""
     ca, cb = curves.get((size, a, protocol)), curves.get((size, b, protocol))
     if not ca or not cb:
         return None
-    return [matched_pair([(loss, s) for _, loss, s in pa], [(loss, s) for _, loss, s in pb]) for pa, pb in zip(ca, cb)]
+    return [{"seed": k, **matched_pair([(loss, s) for _, loss, s in pa], [(loss, s) for _, loss, s in pb])}
+            for k, (pa, pb) in enumerate(zip(ca, cb))]
 
 
 def matched_table(curves: dict[tuple[str, str, str], list[list[Point]]], sizes: list[str],

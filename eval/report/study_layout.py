@@ -19,6 +19,15 @@ def curve_dir(out: Path, seed: int, size: str, arch: str, step: int) -> Path:
     return out / "curves" / f"seed{seed}" / size / arch / f"step-{step:07d}"
 
 
-def grid_steps(steps: int, grid: int) -> list[int]:
+DEFAULT_GRID = 8
+
+
+def grid_size(steps: int, grid: int | None) -> int:
+    """Grid checkpoints per run: `grid`, or when None the largest number up to DEFAULT_GRID that divides `steps`."""
+    return grid if grid is not None else max(k for k in range(1, min(DEFAULT_GRID, max(steps, 1)) + 1) if steps % k == 0)
+
+
+def grid_steps(steps: int, grid: int | None) -> list[int]:
     """The steps of a run's grid checkpoints: every steps / grid steps, the last at `steps` (none when grid is 0)."""
-    return [steps // grid * i for i in range(1, grid + 1)] if grid else []
+    n = grid_size(steps, grid)
+    return [steps // n * i for i in range(1, n + 1)] if n else []

@@ -26,7 +26,7 @@ def score_at_loss(losses: Sequence[float], scores: Sequence[float], target: floa
     or starts below it, or a score needed is NaN."""
     if len(losses) != len(scores):
         raise ValueError(f"{len(losses)} losses but {len(scores)} scores")
-    if not losses or not math.isfinite(target):
+    if not losses or not math.isfinite(target) or not losses[0] >= target:
         return math.nan
     if losses[0] == target:
         return float(scores[0])
@@ -38,8 +38,9 @@ def score_at_loss(losses: Sequence[float], scores: Sequence[float], target: floa
 
 def matched_pair(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]]) -> dict[str, Any]:
     """One seed of two systems, each a path of (validation loss, score) grid points in step order: {"loss" (the
-    matched loss), "a", "b" (each one's score there)}; NaN when either path is empty."""
-    if not a or not b:
+    matched loss), "a", "b" (each one's score there)}; all NaN when either path is empty or its last loss is not a
+    number."""
+    if not a or not b or not (math.isfinite(a[-1][0]) and math.isfinite(b[-1][0])):
         return {"loss": math.nan, "a": math.nan, "b": math.nan}
     target = max(a[-1][0], b[-1][0])
     return {"loss": target, **{side: score_at_loss([p[0] for p in path], [p[1] for p in path], target)

@@ -24,10 +24,10 @@ is >= 1 (scoring.active_tokens: the labels of detection and fuzzing). Two levels
     listed ones, among the tokens on which the unit is never active there (false labels, as above).
   - free-text explanations (an LLM's), after NeuronEval's semantic tests (their appendix E.3, code
     additional_experiments/semantic_{subclass_missing,superclass_extra}_labels_app_E3.ipynb: the concept replaced
-    by a subclass for missing labels, by a superclass for extra ones): missing keeps part of what the explanation
-    lists (its quoted items when it quotes two or more, else its parts between commas, semicolons, slashes, "and"
-    and "or"; each dropped with probability 0.5, at least one dropped and one kept), a narrower concept; one that
-    lists a single thing has no subclass here and is untestable for missing. Extra joins another live unit's
+    by a subclass for missing labels, by a superclass for extra ones): missing keeps part of the list the
+    explanation gives (`listed_items`: quoted items, or a short unquoted list; each item dropped with probability
+    0.5, at least one dropped and one kept, the text around the list kept), a narrower concept by a heuristic that
+    reads lists only; an explanation without a list has no subclass here and is untestable for missing. Extra joins another live unit's
     explanation of the same layer ("X, or Y"), a broader one: units of a layer seldom share concepts, so Y's
     labels are mostly false for this unit (where Y is true too the score may rise: the rate is then a lower bound).
     At most TEXT_UNITS free-text units (a seeded sample) are tested: each costs the simulator two more scorings.
@@ -63,7 +63,10 @@ PASS_PCT = 90.0
 CHECKS = ("missing", "extra")
 TEXT_UNITS = 32  # free-text explanations tested at explanation level (a seeded sample beyond)
 _QUOTED = re.compile(r""""[^"]+"|“[^”]+”|(?<!\w)'[^']+'(?!\w)""")
-_PARTS = re.compile(r"\s*(?:[,;/]|\band\b|\bor\b)\s*", re.IGNORECASE)
+_SEPARATOR = r"\s*(?:[,;/]\s*(?:(?:and|or)\s+)?|(?:and|or)\s+)\s*"  # between two items of a list
+_BETWEEN = re.compile(rf"^{_SEPARATOR}$", re.IGNORECASE)
+_PARTS = re.compile(_SEPARATOR, re.IGNORECASE)
+SHORT_ITEM = 3  # words at most in an item of an unquoted list
 
 Metric = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], float]
 
@@ -161,24 +164,36 @@ def drop_tokens(table: dict[str, float], rng: np.random.Generator) -> dict[str, 
     return {k: v for (k, v), on in zip(table.items(), _kept(len(table), rng)) if on}
 
 
-def listed_items(explanation: str) -> tuple[str, list[str]]:
-    """What a free-text explanation lists, with the text before it: its quoted items when it quotes two or more
-    ('the words "the", "a" and "an"' -> ('the words ', ['"the"', '"a"', '"an"'])), else its parts between commas,
-    semicolons, slashes, "and" and "or" ('commas and periods' -> ('', ['commas', 'periods']))."""
-    quoted = _QUOTED.findall(explanation)
-    if len(quoted) >= 2:
-        return explanation[: explanation.index(quoted[0])], quoted
-    return "", [p for p in _PARTS.split(explanation.strip()) if p]
+def listed_items(explanation: str) -> tuple[str, list[str], str]:
+    """(text before, items, text after) of the list a free-text explanation gives, ([] items when it gives none):
+    two or more quoted items with only separators (commas, semicolons, slashes, "and", "or") between them
+    ('the words "the", "a" and "an" at the start' -> ('the words ', ['"the"', '"a"', '"an"'], ' at the start')), or
+    else, unquoted, the whole explanation when its parts between separators are all short (at most SHORT_ITEM words:
+    'commas and periods' -> ('', ['commas', 'periods'], '')). A heuristic: 'capitalised words and at the start of a
+    line' is no list (its second part is long), so is a quoted word that is context ('"the", especially after "of"')."""
+    found = list(_QUOTED.finditer(explanation))
+    run: list[re.Match] = []
+    for m in found:
+        if run and _BETWEEN.match(explanation[run[-1].end(): m.start()]):
+            run.append(m)
+        elif len(run) < 2:
+            run = [m]
+    if len(run) >= 2:
+        return explanation[: run[0].start()], [m.group(0) for m in run], explanation[run[-1].end():]
+    parts = [p for p in _PARTS.split(explanation.strip()) if p]
+    if len(parts) >= 2 and not found and all(len(p.split()) <= SHORT_ITEM for p in parts):
+        return "", parts, ""
+    return explanation, [], ""
 
 
 def narrower(explanation: str, rng: np.random.Generator) -> str | None:
-    """A subclass of a free-text explanation's concept: part of what it lists (`listed_items`, each dropped with
-    probability 0.5, at least one dropped and one kept); None when it lists fewer than two things."""
-    head, items = listed_items(explanation)
+    """A subclass of a free-text explanation's concept: part of the list it gives (`listed_items`, each item dropped
+    with probability 0.5, at least one dropped and one kept), the text around the list kept; None without a list."""
+    head, items, tail = listed_items(explanation)
     if len(items) < 2:
         return None
     kept = [x for x, on in zip(items, _kept(len(items), rng)) if on]
-    return head + (", ".join(kept[:-1]) + " and " + kept[-1] if len(kept) > 1 else kept[0])
+    return head + (", ".join(kept[:-1]) + " and " + kept[-1] if len(kept) > 1 else kept[0]) + tail
 
 
 def broader(explanation: str, others: Sequence[str], rng: np.random.Generator) -> str | None:
@@ -355,4 +370,4 @@ def sanity_checks(lines: Sequence[dict[str, Any]], simulator: Simulator | None =
 
 __all__ = ["METRICS", "RANGES", "CHECKS", "R_MINUS", "R_PLUS", "EPSILON", "PASS_PCT", "f1", "iou", "cosine",
            "relative_change", "missing_labels", "extra_labels", "drop_tokens", "add_tokens", "listed_items", "narrower",
-           "broader", "TEXT_UNITS", "sanity_checks"]
+           "broader", "TEXT_UNITS", "SHORT_ITEM", "sanity_checks"]

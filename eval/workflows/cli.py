@@ -86,8 +86,9 @@ def add_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the neuron samples and random records (default 0)")
     p.add_argument("--jobs", type=positive_int, default=None,
                    help="(seed, size) runs at once, in processes sharing the cores (default: 2 on 2 cores or more)")
-    p.add_argument("--grid", type=nonnegative_int, default=8,
-                   help="checkpoints kept per run, every steps/grid steps, for the matched-loss reading (default 8; 0: none)")
+    p.add_argument("--grid", type=nonnegative_int, default=None,
+                   help="checkpoints kept per run, every steps/grid steps, for the matched-loss reading (default: the "
+                        "largest number up to 8 that divides --steps; 0: none)")
     p.add_argument("--curve-neurons", type=positive_int, default=32,
                    help="neurons per layer scored at every grid checkpoint (default 32)")
     p.add_argument("--margin", type=positive_float, default=5.0,

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from crate.errors import CrateError, PipelineError
-from crate.eval.report.study_layout import curve_dir, grid_steps, interpret_dir, run_dir
+from crate.eval.report.study_layout import DEFAULT_GRID, curve_dir, grid_size, grid_steps, interpret_dir, run_dir
 from crate.eval.workflows.lock import LOCK, WORKERS, folder_lock
 from crate.eval.workflows.steps import (
     ARCHS, CPU_SAE, interpret_model, log, matched_overrides, prepare_data, quiet, train_model, train_saes,
@@ -71,7 +71,9 @@ class StudyOptions:
     max_documents: int | None = None
     overwrite: bool = False
     jobs: int | None = None  # (seed, size) units run at once; None: 2 when the machine has 2 cores or more
-    grid: int = 8  # checkpoints per run (every steps / grid steps, the last the final model) for matched loss; 0: none
+    # checkpoints per run (every steps / grid steps, the last the final model) for matched loss; 0: none; None: the
+    # largest number up to 8 that divides steps
+    grid: int | None = None
     curve_neurons: int = 32  # per layer, scored at every grid checkpoint (the same sample for every point)
     margin: float = 5.0  # x100 score points: the equivalence margin of the mean-score claims (TOST)
 
@@ -111,13 +113,17 @@ def build_units(opts: StudyOptions, data_dir: Path, vocab: int) -> list[Unit]:
     if bad or not opts.sizes:
         raise CrateError(f"unknown size(s) {', '.join(bad) or '(none given)'}: use presets among {', '.join(PRESETS)} "
                          f"(the study's are {', '.join(STUDY_SIZES)})")
-    if opts.grid and (not isinstance(opts.grid, int) or opts.grid < 0 or opts.steps % opts.grid):
+    bad_grid = opts.grid is not None and (not isinstance(opts.grid, int) or opts.grid < 0
+                                          or bool(opts.grid) and opts.steps % opts.grid)
+    if bad_grid:
         raise CrateError(f"--grid {opts.grid!r}: the grid's points are every steps / grid steps, so it must divide "
-                         f"--steps {opts.steps} (or be 0: no matched-loss reading)")
-    every = opts.steps // opts.grid if opts.grid else max(1, opts.steps // 4)
+                         f"--steps {opts.steps} (or be 0: no matched-loss reading; leave it out for the largest up to "
+                         f"{DEFAULT_GRID} that does)")
+    grid = grid_size(opts.steps, opts.grid)
+    every = opts.steps // grid if grid else max(1, opts.steps // 4)
     train = {**STUDY_TRAIN, "max_steps": opts.steps, "context": opts.context,
              "warmup_steps": max(1, min(50, opts.steps // 10)), "val_every": every,
-             "grid_every": every if opts.grid else 0, "ckpt_every": opts.steps}
+             "grid_every": every if grid else 0, "ckpt_every": opts.steps}
     base = apply_overrides({"model": {}, "train": train}, opts.overrides)
     extra = set(base) - {"model", "train"}
     if extra:
@@ -178,7 +184,7 @@ def preflight(opts: StudyOptions) -> list[str]:
             problems.append(f"protocol {p!r}: {e}")
     for name, value, low in (("--steps", opts.steps, 1), ("--context", opts.context, 8), ("--tokens", opts.n_tokens, 1),
                              ("--llm-neurons", opts.llm_neurons, 0), ("--boot", opts.n_boot, 100),
-                             ("--jobs", opts.jobs if opts.jobs is not None else 1, 1), ("--grid", opts.grid, 0),
+                             ("--jobs", opts.jobs if opts.jobs is not None else 1, 1),
                              ("--curve-neurons", opts.curve_neurons, 1)):
         if not isinstance(value, int) or value < low:
             problems.append(f"{name} must be an integer >= {low}, got {value!r}")
