@@ -141,12 +141,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     "unrecognized"; they join the first. Anything else unknown is still a usage error."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    stray = [x for x in extra if x.startswith("-") or "=" not in x]
-    if stray or (extra and not isinstance(getattr(args, "overrides", None), list)):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
-    if extra:
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in x and not x.startswith("-") for x in extra):
         args.overrides += extra
-    return args
+        return args
+    return parser.parse_args(argv)  # argparse's own result, or its usage error for anything else unknown
 
 
 def main(argv: Sequence[str] | None = None) -> int:
