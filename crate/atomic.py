@@ -10,6 +10,7 @@ are 0600 / 0700).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -17,6 +18,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from crate.errors import DiskFullError
 
 _TEMPORARY = re.compile(r"^\..+\.tmp(\d+|-\w+)$")
 
@@ -69,9 +72,37 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+LOW_SPACE = 1 << 20  # bytes: a write that fails with less free than this ran out of space
+
+
+def disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether `error`, raised while writing into `folder`, means the disk is full: ENOSPC / EDQUOT, or a writer's own
+    error (torch.save says "unexpected pos" or "file write failed") with under LOW_SPACE bytes left there."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(error, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < LOW_SPACE
+    except OSError:
+        return False
+
+
+def _full(error: BaseException, path: Path) -> DiskFullError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    old = f"{path} is as it was" if path.exists() else f"nothing was written at {path}"
+    return DiskFullError(f"the disk holding {path.parent} is full ({free}) while writing {path.name}: {old} (the "
+                         f"partial write is removed); free space there, then run the same command again "
+                         f"({type(error).__name__}: {error})")
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Open a temporary file for writing; on a clean exit it replaces `path`, on an error it is removed."""
+    """Open a temporary file for writing; on a clean exit it replaces `path`, on an error it is removed (a full
+    disk: DiskFullError, naming the file and that the old one is intact)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -81,6 +112,11 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        if disk_full(e, path.parent):
+            raise _full(e, path) from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
@@ -116,6 +152,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         honour_umask(tmp)
         fsync_dir(tmp)
         replace_dir(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e, path.parent):
+            raise _full(e, path) from e
         raise

@@ -8,6 +8,7 @@ says what exists. Those modules import only argparse-level code at the top, so `
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import signal
@@ -159,6 +160,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CrateError, FileNotFoundError) as e:
         # Errors of ours name the problem and the fix; a traceback would only bury them.
         print(f"crate {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a write outside crate.atomic (a log line, a library's file): what was finished is kept, as on Ctrl-C
+        print(f"crate {args.command}: error: the disk is full ({e.filename or e.strerror}): free space there, then "
+              f"{RESUME.get(args.command, 'run the same command again to resume')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # every command keeps what it finished (shards, checkpoints, scored neurons) and resumes from it

@@ -23,3 +23,7 @@ class DataError(CrateError):
 
 class PipelineError(CrateError):
     """A pipeline step that cannot run (a missing subsystem, a failed step)."""
+
+
+class DiskFullError(CrateError):
+    """A write that ran out of disk space: what was being written, where, and that the old file is intact."""
