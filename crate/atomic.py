@@ -113,8 +113,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
+        full = disk_full(e, path.parent)  # before the partial write is removed, which frees what it took
         tmp.unlink(missing_ok=True)
-        if disk_full(e, path.parent):
+        if full:
             raise _full(e, path) from e
         raise
     finally:
@@ -153,7 +154,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         fsync_dir(tmp)
         replace_dir(tmp, path)
     except BaseException as e:
+        full = disk_full(e, path.parent)  # before the partial write is removed, which frees what it took
         shutil.rmtree(tmp, ignore_errors=True)
-        if disk_full(e, path.parent):
+        if full:
             raise _full(e, path) from e
         raise

@@ -5,6 +5,7 @@ without a traceback; errors that are not a full disk pass through unchanged."""
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from collections import namedtuple
 
@@ -46,6 +47,19 @@ def test_a_writers_own_error_on_a_full_disk_is_a_full_disk(tmp_path, monkeypatch
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**12, 0, 10**12))
     with pytest.raises(RuntimeError, match="unexpected pos"):  # space left: not a full disk
         AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, path)
+
+
+def test_the_disk_is_judged_before_the_partial_write_is_removed(tmp_path, monkeypatch):
+    """Removing the partial write frees what it took: a disk that is full while it exists reads as roomy after, so
+    the check comes first (a large checkpoint's 'unexpected pos' would otherwise pass as the writer's own error)."""
+    target = tmp_path / "last.ckpt"
+    partial = target.with_name(f".last.ckpt.tmp{os.getpid()}")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 0, 0 if partial.exists() else 10**9))
+    with pytest.raises(DiskFullError):
+        with atomic_file(target) as f:
+            f.write(b"most of a checkpoint")
+            raise RuntimeError("unexpected pos 4096 vs 0")
+    assert not partial.exists()
 
 
 def test_a_checkpoint_folder_on_a_full_disk_is_left_as_it_was(tmp_path):
