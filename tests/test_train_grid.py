@@ -14,7 +14,7 @@ import torch
 
 import crate
 from crate.errors import ConfigError
-from crate.train.export import GRID, grid_points
+from crate.train.grid import GRID, grid_points
 from crate.train.run import train
 from test_train import metric_rows, recipe
 

@@ -20,7 +20,7 @@ from crate.atomic import atomic_file, remove_stale_temporaries
 from crate.config import IMPLEMENTATION_KEYS
 from crate.errors import CheckpointError
 from crate.loading import read_checkpoint_identity
-from crate.train.export import GRID, grid_points
+from crate.train.grid import GRID, grid_points, numbered
 
 PERIODIC = re.compile(r"^step-(\d+)\.ckpt$")
 
@@ -42,9 +42,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def periodic_checkpoints(folder: Path) -> dict[int, Path]:
-    """{step: path} of the step-*.ckpt files in `folder`."""
-    found = (PERIODIC.match(p.name) for p in folder.iterdir()) if folder.is_dir() else ()
-    return {int(m.group(1)): folder / m.group(0) for m in found if m}
+    """{step: path} of the step-*.ckpt files in `folder`, in step order."""
+    return numbered(folder, PERIODIC)
 
 
 def prune_checkpoints(folder: Path, keep: int, after: int | None = None, protect: Path | None = None) -> list[Path]:

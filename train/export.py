@@ -5,7 +5,6 @@ checkpoint of ours.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 
 from crate.atomic import write_bytes
 from crate.loading import model_from_state, read_checkpoint_identity
+from crate.train.grid import grid_point
 
 
 def export_model(model: Any, out: Path, train_cfg: dict[str, Any] | None, tok: Any, tok_id: dict[str, Any],
@@ -30,17 +30,6 @@ def export_model(model: Any, out: Path, train_cfg: dict[str, Any] | None, tok: A
     if tok is not None:
         write_bytes(path / "tokenizer.json", tok.to_str().encode())
     return path
-
-
-GRID = "grid"
-_GRID_POINT = re.compile(r"^step-(\d+)$")
-
-
-def grid_points(run_dir: str | Path) -> dict[int, Path]:
-    """{step: checkpoint directory} of a run's grid (<run>/grid/step-<N>/), in step order."""
-    folder = Path(run_dir) / GRID
-    found = (_GRID_POINT.match(p.name) for p in folder.iterdir()) if folder.is_dir() else ()
-    return dict(sorted((int(m.group(1)), folder / m.group(0)) for m in found if m))
 
 
 class GridExport(Callback):
@@ -69,7 +58,7 @@ class GridExport(Callback):
         state = trainer.strategy.lightning_module_state_dict()  # on every rank: FSDP gathers the weights to rank 0
         if trainer.is_global_zero:
             loss = trainer.callback_metrics.get("val/loss")
-            export_model(model_from_state(self.model_cfg, state), Path(self.run_dir) / GRID / f"step-{step:07d}",
+            export_model(model_from_state(self.model_cfg, state), grid_point(self.run_dir, step),
                          pl_module.train_cfg, self.tok, self.tok_id, self.manifest, step,
                          float(loss) if loss is not None else None, self.data_dir)
 

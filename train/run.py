@@ -44,7 +44,8 @@ from crate.provenance import STAMP, check_owned
 from crate.train.callbacks import Interrupted, MetricsCSV, Preemption, StepMetrics, ValidationLog
 from crate.train.checkpoint_io import AtomicCheckpointIO, check_resume, recovery_advice, tidy_run_folder
 from crate.train.config import RunConfig, load_recipe
-from crate.train.export import GRID, GridExport, export_model
+from crate.train.export import GridExport, export_model
+from crate.train.grid import GRID
 from crate.train.flops import flops_per_token, peak_flops
 
 

@@ -15,8 +15,7 @@ from crate.eval.report.study_layout import curve_dir, run_dir
 from crate.eval.report.study_scores import model_runs
 from crate.eval.report.tables import Table
 from crate.eval.stats.matched import matched_pair
-from crate.eval.stats.neurons import finite
-from crate.eval.stats.seeds import model_statistic
+from crate.eval.stats.seeds import clean_runs, model_statistic
 
 Point = tuple[int, float, float]  # (step, validation loss, score x100 of the neuron sample)
 ARCHS = ("crate", "gpt")
@@ -44,9 +43,8 @@ def read_curves(out: Path, units: list[Any], steps: list[int],
                 result = load_model_result(folder)
                 loss = _val_loss(run_dir(out, unit.seed, unit.size, arch) / "grid" / f"step-{step:07d}")
                 for protocol in protocols:
-                    layers = [finite(v) for v in model_runs(result, protocol, "correlation").values()]
-                    layers = [v for v in layers if len(v)]
-                    paths[protocol].append((step, loss, model_statistic(layers, "mean") if layers else math.nan))
+                    clean = clean_runs([model_runs(result, protocol, "correlation")], "mean")
+                    paths[protocol].append((step, loss, model_statistic(clean[0], "mean") if clean else math.nan))
             for protocol, path in paths.items():
                 curves.setdefault((unit.size, arch, protocol), []).append(path)
     return curves

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from crate.eval.stats.neurons import finite
-from crate.eval.stats.seeds import welch_interval, welch_ttest
+from crate.eval.stats.seeds import welch_ttest
 
 ALPHA = 0.05
 # Equivalence margins per statistic, x100 score points. 5 points for a mean score: a quarter of the 1L CRATE - GPT gap
@@ -44,13 +44,15 @@ def welch_tests(a: Sequence[float], b: Sequence[float], margin: float | None = N
            "margin": margin, "p_tost": math.nan, "ci_tost": [math.nan, math.nan]}
     if len(a) < 2 or len(b) < 2:
         return out
-    out["p"] = float(welch_ttest(a, b).pvalue)
+    test = welch_ttest(a, b)
+    out["p"] = float(test.pvalue)
     if margin is not None:
         # shifting a by the margin tests the difference against -margin and +margin; a's variance is unchanged
         above = welch_ttest(a + margin, b, alternative="greater").pvalue
         below = welch_ttest(a - margin, b, alternative="less").pvalue
         out["p_tost"] = float(max(above, below))
-        out["ci_tost"] = welch_interval(a, b, 2 * alpha)
+        ci = test.confidence_interval(1 - 2 * alpha)
+        out["ci_tost"] = [float(ci.low), float(ci.high)]
     return out
 
 

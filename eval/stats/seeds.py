@@ -23,7 +23,7 @@ from crate.eval.stats.neurons import finite
 STATISTICS = ("mean", "var", "var_corrected")
 
 
-def _clean_runs(runs: Sequence[Mapping[str, Sequence[float]]], statistic: str) -> list[list[np.ndarray]]:
+def clean_runs(runs: Sequence[Mapping[str, Sequence[float]]], statistic: str) -> list[list[np.ndarray]]:
     """Each run's finite scores per layer; layers without one are left out, and for the variances (which need
     every layer) so is a run that lost a layer."""
     out = []
@@ -90,7 +90,7 @@ def seed_bootstrap(runs: Sequence[Mapping[str, Sequence[float]]], n_boot: int = 
                    resample_seeds: bool = True, statistic: str = "mean", alpha: float = 0.05) -> dict[str, Any]:
     """The two-level bootstrap of one system trained with several seeds: `runs` holds, per training seed,
     {layer: scores of its neurons} over the layers that enter the model's score (NaN scores left out; see
-    `_clean_runs` for lost layers).
+    `clean_runs` for lost layers).
 
     Estimate: the mean over seeds of each model's statistic (`model_statistic`). Each replicate draws as many
     seeds as there are, with replacement (`resample_seeds`; else every seed once), and for every draw resamples the
@@ -101,7 +101,7 @@ def seed_bootstrap(runs: Sequence[Mapping[str, Sequence[float]]], n_boot: int = 
     verdicts from t intervals."""
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-    clean = _clean_runs(runs, statistic)
+    clean = clean_runs(runs, statistic)
     if not clean:
         return {"estimate": math.nan, "ci95": [math.nan, math.nan], "boots": np.full(n_boot, math.nan),
                 "per_seed": [], "n_seeds": 0}
@@ -167,5 +167,5 @@ def verdict(lo: float, hi: float, direction: int) -> str:
     return "not resolved"
 
 
-__all__ = ["seed_bootstrap", "seed_compare", "model_statistic", "t_interval", "welch_ttest", "welch_interval",
-           "verdict"]
+__all__ = ["clean_runs", "seed_bootstrap", "seed_compare", "model_statistic", "t_interval", "welch_ttest",
+           "welch_interval", "verdict"]

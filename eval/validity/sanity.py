@@ -338,9 +338,13 @@ def sanity_checks(lines: Sequence[dict[str, Any]], simulator: Simulator | None =
     stats = [u for u in units if u.line["explanation"].startswith(STATS_PREFIX)]
     text = [u for u in units if u.m > 0 and not u.line["explanation"].startswith(STATS_PREFIX)]
     sampled = sorted(text, key=lambda u: u.seed)[:TEXT_UNITS]
-    jobs = [(u, *made) for u in stats + sampled if (made := _explanation_texts(
-        u, [v.line["explanation"] for v in text if v.line["layer"] == u.line["layer"]], draws)) is not None]
-    expl_trials = _explanation_trials(jobs, simulator) if simulator is not None and jobs else []
+    by_layer: dict[Any, list[str]] = {}
+    for v in text:
+        by_layer.setdefault(v.line["layer"], []).append(v.line["explanation"])
+    jobs = [(u, *made) for u in stats + sampled
+            if (made := _explanation_texts(u, by_layer.get(u.line["layer"], []), draws)) is not None] \
+        if simulator is not None else []
+    expl_trials = _explanation_trials(jobs, simulator) if jobs else []
     notes = [f"pass: >= {PASS_PCT:g}% on every check that ran (NeuronEval's code states no threshold; their table "
              "marks 93.6 as a pass and 89.5 as a fail)"]
     if simulator is None:

@@ -39,7 +39,7 @@ from crate.eval.workflows.steps import (
     ARCHS, CPU_SAE, interpret_model, log, matched_overrides, prepare_data, quiet, train_model, train_saes,
 )
 from crate.tokenizer import padded_vocab
-from crate.train.export import GRID
+from crate.train.grid import grid_point
 
 STUDY_SIZES = ("1L", "2L", "3L")
 MATCHES = ("params", "width")
@@ -284,7 +284,7 @@ def run_unit(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float) -> None:
                                 interpret_dir(out, unit.seed, unit.size, f"{name}-control"), protocol, t0,
                                 **{**common, "neurons": opts.control_neurons, "control": True})
     for (arch, step), folder in _curve_dirs(opts, unit).items():  # the same neuron sample at every point
-        point = run_dir(out, unit.seed, unit.size, arch) / GRID / f"step-{step:07d}"
+        point = grid_point(run_dir(out, unit.seed, unit.size, arch), step)
         for protocol in opts.protocols:
             interpret_model(f"{arch}-{unit.size} seed {unit.seed} at step {step}", str(point), data_dir, folder,
                             protocol, t0, **{**common, "neurons": opts.curve_neurons})
