@@ -144,6 +144,41 @@ def test_cli_interpret(prepared, tmp_path, capsys):
     assert rc == 2 and "unknown protocol" in capsys.readouterr().err
 
 
+def test_a_token_offset_records_the_split_from_there(prepared, tmp_path, capsys):
+    """--token-offset k reads the split from token k: the same records and scores as the sliced split given as a
+    stream, its tokens in the provenance, other records than from the start; an offset past the split is refused
+    before anything is written."""
+    import hashlib
+
+    from crate.cli import main
+    from crate.eval.autointerp.records import load_token_strings
+    from crate.train.data import open_split
+
+    data, ckpts = prepared
+    split, k = open_split(data, "val"), 5 * T
+    cfg = _cfg(n_tokens=8 * T, neurons=[0, 1, 2], token_offset=k)
+    got = run_interpret(ckpts["crate"], data, tmp_path / "offset", cfg)
+    model = crate.load(ckpts["crate"])
+    sliced = run_interpret(None, None, tmp_path / "sliced", cfg, model=model, stream=np.asarray(split[k:]),
+                           token_strings=load_token_strings(data, model.config.vocab_size))
+    start = run_interpret(ckpts["crate"], data, tmp_path / "start", _cfg(n_tokens=8 * T, neurons=[0, 1, 2]))
+    data_id = got["provenance"]["data"]
+    want = np.asarray(split[k : k + 8 * T]).astype(np.int64)
+    assert data_id["offset"] == k and data_id["tokens_sha256"] == hashlib.sha256(want.tobytes()).hexdigest()
+    assert "offset" not in start["provenance"]["data"]  # records made before offsets existed keep their identity
+    lines = {name: (tmp_path / name / "scores" / "tar" / "0.jsonl").read_text().splitlines()
+             for name in ("offset", "sliced", "start")}
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "provenance"} for r in rows]  # noqa: E731
+    assert strip(lines["offset"]) == strip(lines["sliced"]) != strip(lines["start"])
+    records = {name: np.load(tmp_path / name / "records" / "0" / "cache.npz") for name in ("offset", "start")}
+    assert not np.array_equal(records["offset"]["top_win"], records["start"]["top_win"])
+    rc = main(["interpret", "-c", str(ckpts["crate"]), "-d", str(data), "-o", str(tmp_path / "past"), "--seq-len",
+               "32", "--token-offset", str(len(split) - 31)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"token offset {len(split) - 31:,} leaves 31 tokens" in err
+    assert f"at most {len(split) - 32:,}" in err and not (tmp_path / "past").exists()
+
+
 @pytest.mark.parametrize("flags,names", [
     (["--quantize", "4bit"], ["--quantize 4bit", "--explainer stats", "--simulator stats"]),
     (["--quantize", "4bit", "--explainer", "http://127.0.0.1:1/v1#m"], ["--quantize 4bit", "--explainer http://"]),

@@ -119,6 +119,19 @@ def test_quantile_boundaries_and_samples(setup):
                     assert rec.q_win[q, i, n, 4] == pytest.approx(A[p, n], rel=1e-5, abs=1e-6)
 
 
+def test_without_quantile_bins_the_other_records_are_the_same(setup):
+    """per_bin 0 skips the second pass (what a protocol without quantile records asks for): every other array of the
+    recording is bit-identical to the two-pass one, so its scores are too."""
+    model, stream, rec, _ = setup
+    spec = RecordingSpec(seq_len=T, window=8, top_k=6, n_random=5, n_bins=4, per_bin=0, seed=3, batch_size=3,
+                         device="cpu")
+    one = record_activations(model, stream, spec, layers=[0])["0"]
+    assert (one.q_pos == -1).all() and rec.q_pos.max() >= 0
+    for f in dataclasses.fields(LayerRecording):
+        if f.name not in ("q_pos", "q_win"):
+            np.testing.assert_array_equal(np.asarray(getattr(one, f.name)), np.asarray(getattr(rec, f.name)), f.name)
+
+
 def test_random_positions_shared_across_models_and_reproducible():
     a = random_positions(10_000, 8, 5, seed=0)
     b = random_positions(10_000, 16, 5, seed=0)  # a wider model: same positions for the shared neurons

@@ -2,6 +2,7 @@
 verdicts, the claims taken from SPEC.md's numbers, and a reduced study end to end (recomputed from its score
 files, resumed, refused with other inputs)."""
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from crate.errors import CrateError
+from crate.train.data import open_split
 from crate.eval.stats import claims as claim_stats
 from crate.eval.stats import neurons as neuron_stats
 from crate.eval.stats import seeds as seed_stats
@@ -203,6 +205,18 @@ def test_reduced_study_end_to_end_resumes_and_refuses_other_inputs(tmp_path, cap
     drawn = [json.loads((out / "interpret" / f"seed{s}" / "1L" / "crate" / "provenance.json").read_text())["seed"]
              for s in (0, 1)]
     assert drawn == [0, 1]
+    # ... and its own evaluation tokens: seed k records the validation split from token k x n_tokens, every system,
+    # control and grid checkpoint of a seed the same tokens (the hash of what each folder read, against the split)
+    split, n = open_split(out / "data", "val"), REDUCED["n_tokens"]
+    assert len(split) >= 2 * n
+    for s in (0, 1):
+        for where in (f"interpret/seed{s}/1L/crate", f"interpret/seed{s}/2L/gpt", f"interpret/seed{s}/1L/gpt-control",
+                      f"curves/seed{s}/2L/crate/step-0000002"):
+            data = json.loads((out / where / "provenance.json").read_text())["data"]
+            read = np.asarray(split[s * n : s * n + data["n_tokens"]]).astype(np.int64)
+            assert data.get("offset", 0) == s * n and data["n_tokens"] == n
+            assert data["tokens_sha256"] == hashlib.sha256(read.tobytes()).hexdigest(), where
+    assert summary["settings"]["token_offsets"] == {"seed0": 0, "seed1": n}
     # one random init per training seed for the controls
     weights = {json.loads((out / "interpret" / f"seed{s}" / "1L" / "gpt-control" / "provenance.json").read_text())
                ["model"]["weights_fingerprint"] for s in (0, 1)}
@@ -297,6 +311,7 @@ def test_reduced_study_end_to_end_resumes_and_refuses_other_inputs(tmp_path, cap
     assert again.count(": reused;") == 4 and "0 scored" in again and " 12 scored" not in again
     assert (out / "timings.json").read_text() == timings
     assert json.loads((out / "study.json").read_text())["tables"] == summary["tables"]
+    assert json.loads((out / "study.json").read_text())["inputs"] == summary["inputs"]  # the same tokens, keys
     # the same with two runs at once, in worker processes
     study(StudyOptions(out=out, **{**REDUCED, "jobs": 2}))
     assert capsys.readouterr().out.count(": reused;") == 4
@@ -334,3 +349,36 @@ def test_the_default_grid_divides_the_steps():
 
     assert [grid_size(n, None) for n in (200, 50, 3, 7, 11, 1)] == [8, 5, 3, 7, 1, 1]
     assert grid_steps(50, None) == [10, 20, 30, 40, 50] and grid_steps(200, 0) == [] and grid_steps(6, 2) == [3, 6]
+
+
+def test_each_training_seed_reads_its_own_slice_of_the_validation_split():
+    """The default study's split (139,803 tokens, 16,384 a seed) holds 8 disjoint slices: seeds 0-7 read their own,
+    seed 8 the first again; a split shorter than one slice gives every seed the same tokens."""
+    from crate.eval.report.study_layout import eval_offset
+
+    assert [eval_offset(k, 16384, 139_803) for k in range(10)] == [16384 * k for k in range(8)] + [0, 16384]
+    assert [eval_offset(k, 2048, 1000) for k in range(3)] == [0, 0, 0]
+
+
+def test_scorer_agreement_pairs_the_units_both_scorers_scored():
+    """The agreement table pairs each unit SmolLM2 scored with its stats score (same size, system, layer and neuron),
+    leaves out the units only one scorer has, and reads each system and both together."""
+    from types import SimpleNamespace
+
+    from crate.eval.report.study_agreement import agreement_table
+    from crate.eval.stats.agreement import scorer_agreement
+
+    by_unit = {("trained", "1L", "crate"): {("0", 1): 10.0, ("0", 2): 20.0, ("0", 3): 30.0},
+               ("llm", "1L", "crate"): {("0", 2): 5.0, ("0", 3): 9.0, ("0", 1): 1.0},
+               ("trained", "2L", "crate"): {("0", 0): 40.0, ("1", 0): 50.0},
+               ("llm", "2L", "crate"): {("1", 0): 7.0, ("1", 9): 3.0},
+               ("trained", "1L", "gpt"): {("0", 4): 60.0, ("0", 5): 10.0, ("0", 6): 35.0, ("0", 7): 5.0},
+               ("llm", "1L", "gpt"): {("0", 4): 2.0, ("0", 5): 8.0, ("0", 6): 4.0, ("0", 7): 6.0}}
+    rows = {r["system"]: r for r in agreement_table(SimpleNamespace(by_unit=by_unit), ["1L", "2L"]).rows}
+    crate, gpt = ([10.0, 20.0, 30.0, 50.0], [1.0, 5.0, 9.0, 7.0]), ([60.0, 10.0, 35.0, 5.0], [2.0, 8.0, 4.0, 6.0])
+    for name, (a, b) in (("CRATE", crate), ("GPT", gpt), ("both", (crate[0] + gpt[0], crate[1] + gpt[1]))):
+        want = scorer_agreement(a, b)
+        assert rows[name]["units"] == len(a) and rows[name]["Pearson r"] == pytest.approx(want["pearson"])
+        assert rows[name]["Spearman rho"] == pytest.approx(want["spearman"])
+    assert rows["CRATE"]["Pearson r"] > 0.7 > 0 > rows["GPT"]["Pearson r"]  # agreeing and disagreeing scorers
+    assert agreement_table(SimpleNamespace(by_unit={}), ["1L"]).rows == []

@@ -103,3 +103,33 @@ def test_holm_keeps_the_family_wise_error_where_95_percent_each_does_not():
         corrected += any(r["verdict"] in ("holds", "reversed") for r in read)
         uncorrected += any(r["p"] <= 0.05 for r in read)
     assert corrected / 300 <= 0.06 and uncorrected / 300 >= 0.2
+
+
+def test_scorer_agreement_of_a_hand_computed_case_and_its_controls():
+    from crate.eval.stats.agreement import scorer_agreement
+
+    # x = 1..5, y = 2, 4, 5, 4, 5: Sxy = 6, Sxx = 10, Syy = 6, r = 6 / sqrt(60); Fisher's interval tanh(atanh(r) +-
+    # 1.959964 / sqrt(n - 3)); the ranks of y are 1, 2.5, 4.5, 2.5, 4.5 (ties averaged): rho = 7 / sqrt(90)
+    x, y = [1, 2, 3, 4, 5, math.nan, 2.0], [2, 4, 5, 4, 5, 1.0, math.inf]  # the last two are not scored by both
+    a = scorer_agreement(x, y)
+    r = 6 / math.sqrt(60)
+    half = 1.959964 / math.sqrt(2)
+    assert a["n"] == 5 and a["pearson"] == pytest.approx(r, rel=1e-12)
+    assert a["pearson_ci95"] == pytest.approx((math.tanh(math.atanh(r) - half), math.tanh(math.atanh(r) + half)),
+                                              rel=1e-5)
+    assert a["spearman"] == pytest.approx(7 / math.sqrt(90), rel=1e-12)
+    assert (a["mean_a"], a["mean_b"]) == pytest.approx((3.0, 4.0))
+    # positive control: a scorer that is a monotone function of the other agrees perfectly
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=200)
+    perfect = scorer_agreement(u, 3 * u + 1)
+    assert perfect["pearson"] == pytest.approx(1) and perfect["spearman"] == pytest.approx(1)
+    assert scorer_agreement(u, np.exp(u))["spearman"] == pytest.approx(1)
+    # negative control: independent scores; the interval holds 0
+    none = scorer_agreement(rng.normal(size=4000), rng.normal(size=4000))
+    assert none["pearson_ci95"][0] < 0 < none["pearson_ci95"][1] and abs(none["spearman"]) < 0.05
+    # undefined: a constant scorer, or too few units
+    assert math.isnan(scorer_agreement([1, 2, 3, 4], [5, 5, 5, 5])["pearson"])
+    assert math.isnan(scorer_agreement([1, 2], [2, 1])["spearman"])
+    with pytest.raises(ValueError, match="pair up"):
+        scorer_agreement([1, 2, 3], [1, 2])

@@ -73,7 +73,7 @@ def cmd_interpret(args: argparse.Namespace) -> int:
     cfg = InterpretConfig(
         protocol=args.protocol, explainer=args.explainer, simulator=simulator,
         layers=_layers(args.layers), neurons=_neurons(args.neurons), n_tokens=args.tokens, seq_len=args.seq_len,
-        split=args.split, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        token_offset=args.token_offset, split=args.split, seed=args.seed, batch_size=args.batch_size, device=args.device,
         extra_scores=not args.no_extra_scores, llm_options=llm_options, cache=args.cache,
         control=args.control, exclude_last={"auto": "auto", "yes": True, "no": False}[args.exclude_last],
         write_json=not args.no_json, progress=True, schedule=args.schedule, neurons_in_flight=args.neurons_in_flight,
@@ -109,6 +109,8 @@ def add_interpret(p: argparse.ArgumentParser) -> None:
     p.add_argument("--neurons", default=None, help="all | 0-99,200 | sample:N (a seeded sample per layer)")
     p.add_argument("--tokens", type=positive_int, default=None,
                    help="tokens of the split to record (default: the protocol's)")
+    p.add_argument("--token-offset", type=nonnegative_int, default=0,
+                   help="tokens of the split skipped before recording (default 0: from its start)")
     p.add_argument("--seq-len", type=positive_int, default=1024)
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--seed", type=nonnegative_int, default=0)

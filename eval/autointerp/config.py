@@ -25,6 +25,7 @@ class InterpretConfig:
     layers: list[int | str] | None = None  # None: every layer's neurons
     neurons: int | list[int] | None = None  # None: all; int: a seeded sample of that many per layer; list: these
     n_tokens: int | None = None  # None: the protocol's (8000 x 1024 or 800 x 1024), capped by the split
+    token_offset: int = 0  # tokens of the split skipped before recording (a stream given directly is read as given)
     seq_len: int = 1024
     split: str = "val"
     seed: int = 0

@@ -28,7 +28,8 @@ Output layout (everything is plain JSON / JSONL / NPZ)
                                              weights_fingerprint = sha256 of every tensor, control_random_init,
                                              checkpoint (absolute paths), size (the preset it was trained as, or
                                              null), name), data (tokens_sha256 of the tokens read, n_tokens, split,
-                                             tokenizer sha256, dir, manifest), protocol, prompt_version, seed, records
+                                             offset (tokens of the split skipped before them, --token-offset; absent
+                                             at 0), tokenizer sha256, dir, manifest), protocol, prompt_version, seed, records
                                              dir and key, explainer / simulator identity (never keys), config,
                                              crate_version
     <out>/records/.provenance.json           the records' stamp: model, data and recording parameters (crate.provenance)
@@ -47,7 +48,7 @@ Output layout (everything is plain JSON / JSONL / NPZ)
                                              (Q,P,N,W), boundaries (N,Q+1), mean/var/skew/kurt (excess)/max/min/
                                              active_count/token_top10_share/token_effective_types (N), l0_sum, l0_sq_sum,
                                              layer, hook, n_tokens, seq_len, window, left. Positions are flattened
-                                             (sequence * seq_len + t); windows NaN-padded outside the sequence; token
+                                             (sequence * seq_len + t, from the offset on); windows NaN-padded outside the sequence; token
                                              ids come back with crate.eval.record.windows.window_token_ids(stream, pos, ...).
     <out>/records-short/...                  the same for the short-context protocol (8-token windows, 800x1024 tokens)
     <out>/scores/<protocol>/.provenance.json the scores' stamp: the records' identity, protocol, explainer, simulator,
@@ -176,10 +177,22 @@ def _load_inputs(checkpoint: str | Path | None, data_dir: str | Path | None, cfg
 
             raise DataError(f"{data_dir} has {manifest['vocab_size']} token ids, the model only "
                             f"{model.config.vocab_size}: it was tokenized for another model")
-        stream = open_split(data_dir, cfg.split)
+        stream = skip_tokens(open_split(data_dir, cfg.split), cfg.token_offset, min(cfg.seq_len, model.config.block_size),
+                             f"the {cfg.split} split of {data_dir}")
     if token_strings is None:
         token_strings = load_token_strings(data_dir, int(model.config.vocab_size))
     return model, stream, token_strings, manifest
+
+
+def skip_tokens(stream: np.ndarray, offset: int, seq_len: int, source: str) -> np.ndarray:
+    """`stream` from token `offset` on (a view); an offset that leaves less than one sequence is an error."""
+    if not isinstance(offset, int) or offset < 0:
+        raise CrateError(f"token offset {offset!r}: give an integer >= 0")
+    if offset and len(stream) - offset < seq_len:
+        raise CrateError(f"token offset {offset:,} leaves {max(0, len(stream) - offset):,} tokens of {source} "
+                         f"({len(stream):,} in all): fewer than one sequence of {seq_len:,}; use an offset of at "
+                         f"most {max(0, len(stream) - seq_len):,}")
+    return stream[offset:]
 
 
 def _roles(cfg: InterpretConfig, cache: str, explainer: Explainer | None,
@@ -214,12 +227,15 @@ def plan_interpret(checkpoint: str | Path | None, data_dir: str | Path | None, o
     layer_names, neurons = select_neurons(model, cfg)
     spec = recording_spec(cfg, protocol)
     n_used = tokens_used(model, stream, spec)
-    note = tokens_note(model, stream, spec, f"the {cfg.split} split" if manifest is not None else "the token stream",
+    source = f"the {cfg.split} split" + (f" from token {cfg.token_offset:,}" if cfg.token_offset else "")
+    note = tokens_note(model, stream, spec, source if manifest is not None else "the token stream",
                        None if cfg.n_tokens else protocol.name)
     explainer, simulator = _roles(cfg, cfg.cache or str(out / "llm_cache.sqlite"), explainer, simulator)
 
     model_id = model_identity(model, cfg.control, cfg.seed)
     data_id = data_identity(stream, n_used, token_strings, cfg.split, manifest)
+    if cfg.token_offset and manifest is not None:  # absent at 0: records made before offsets existed stay valid
+        data_id["offset"] = cfg.token_offset
     records_dir = out / protocol.records
     rec_id = records_identity(model_id, data_id, spec, layer_names)
     score_id = scores_identity(rec_id, protocol, explainer, simulator, cfg)

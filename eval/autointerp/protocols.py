@@ -24,6 +24,7 @@ class Protocol:
     window: int
     n_tokens: int
     records: str  # the records folder under <out>
+    quantiles: bool = False  # whether it explains or scores with quantile-bin records (the recording's second pass)
 
     def split(self, w: dict[str, Any]) -> tuple[list[Window], list[Window]]:
         top, rnd, qs = w["top"], w["random"], w["quantile"]
@@ -51,7 +52,7 @@ def central(x: Window, n: int, rid: str) -> Window:
 PROTOCOLS: dict[str, Protocol] = {
     "tar": Protocol("tar", window=64, n_tokens=8000 * 1024, records="records"),
     "random": Protocol("random", window=64, n_tokens=8000 * 1024, records="records"),
-    "short": Protocol("short", window=8, n_tokens=800 * 1024, records="records-short"),
+    "short": Protocol("short", window=8, n_tokens=800 * 1024, records="records-short", quantiles=True),
 }
 ALIASES = {"top-and-random": "tar", "random-only": "random", "anthropic": "short", "short-context": "short"}
 

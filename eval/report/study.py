@@ -6,6 +6,7 @@ intervals, the differences between systems, the spread across layers, controls, 
                                           not resolved (Holm over the table, TOST with a margin)
     <out>/tables/matched_loss.*           each seed's CRATE and GPT at the validation loss both reach (grid checkpoints)
     <out>/tables/validity.{md,csv,tex}    is the scorer valid? planted units through each scorer, systems' flags
+    <out>/tables/agreement.{md,csv,tex}   the stats scorer against SmolLM2 on the same units (first seed)
     <out>/tables/systems.{md,csv,tex}     CRATE, GPT, GPT-SAE: estimate, seed-aware, bootstrap and seed-0 95% intervals
     <out>/tables/differences.{md,csv,tex} CRATE - GPT, GPT-SAE - GPT, CRATE - GPT-SAE, with both intervals
     <out>/tables/layer_variance.*         the population variance of the per-layer means, CRATE against GPT
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from crate.eval.report.plots import plot_depth
+from crate.eval.report.study_agreement import agreement_table
 from crate.eval.report.study_claims import verdicts_table
 from crate.eval.report.study_curves import matched_table, plot_curves, read_curves
 from crate.eval.report.study_layout import grid_size, grid_steps
@@ -95,6 +97,7 @@ def write_study_report(out: Path, opts: Any, units: list[Any], timings: dict[str
     tables = {"verdicts": verdicts_table(collected, sizes, opts.sae, opts.match, n_boot, seed, curves, opts.margin),
               "matched_loss": matched_table(curves, sizes, collected.protocols),
               "validity": validity_table(collected, sizes),
+              "agreement": agreement_table(collected, sizes),
               "systems": systems_table(collected, sizes, collected.systems, n_boot, seed),
               "differences": differences_table(collected, sizes, collected.systems, n_boot, seed),
               "layer_variance": variance_table(collected, sizes, n_boot, seed),
@@ -110,7 +113,8 @@ def write_study_report(out: Path, opts: Any, units: list[Any], timings: dict[str
     if curves:
         plots += [plot_curves(curves, sizes, p, out / "plots" / f"score_vs_loss_{p}.png").name
                   for p in collected.protocols]
-    settings = _settings(opts, units, collected.protocols)
+    settings = {**_settings(opts, units, collected.protocols),
+                "token_offsets": {f"seed{i['seed']}": i["token_offset"] for i in collected.inputs if i["kind"] == "trained"}}
     _write_summary(out, units, timings, command, settings, tables, collected.inputs)
     _write_index(out, units, timings, command, settings, tables, plots)
     verdicts = tables["verdicts"]
@@ -161,7 +165,7 @@ def _write_index(out: Path, units: list[Any], timings: dict[str, Any], command: 
     md += ["", f"Settings: {json.dumps(settings)}", ""]
     md += ["Parameters: " + "; ".join(f"{u.size} CRATE {u.params['crate']:,} (n_hidden {u.n_hidden['crate']}) vs GPT "
                                       f"{u.params['gpt']:,}" for u in units if u.seed == first_seed), ""]
-    for stem in ("verdicts", "matched_loss", "validity", "systems", "differences", "layer_variance", "controls",
+    for stem in ("verdicts", "matched_loss", "validity", "agreement", "systems", "differences", "layer_variance", "controls",
                  "measures", "val_loss", "llm_sample"):
         t = tables[stem]
         if not t.rows:

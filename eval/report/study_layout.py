@@ -31,3 +31,14 @@ def grid_steps(steps: int, grid: int | None) -> list[int]:
     """The steps of a run's grid checkpoints: every steps / grid steps, the last at `steps` (none when grid is 0)."""
     n = grid_size(steps, grid)
     return [steps // n * i for i in range(1, n + 1)] if n else []
+
+
+def eval_slices(n_tokens: int, split_tokens: int) -> int:
+    """How many disjoint slices of `n_tokens` evaluation tokens the validation split holds (at least 1)."""
+    return max(1, split_tokens // n_tokens)
+
+
+def eval_offset(seed: int, n_tokens: int, split_tokens: int) -> int:
+    """Where training seed `seed`'s evaluation tokens start in the validation split: each seed its own slice of
+    `n_tokens` (seed k from k * n_tokens) while the split holds them; beyond that the slices repeat in order."""
+    return seed % eval_slices(n_tokens, split_tokens) * n_tokens

@@ -49,6 +49,8 @@ class Collected:
         self.measures: dict[tuple[str, str], list[dict[str, dict[str, float]]]] = {}
         self.inputs: list[dict[str, Any]] = []
         self.validity: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}  # (kind, size, system, protocol)
+        # the first seed's TaR correlation x100 of every unit, by (layer, neuron): the scorers compared unit by unit
+        self.by_unit: dict[tuple[str, str, str], dict[tuple[str, int], float]] = {}  # (kind, size, system)
         self._compared: dict[tuple, dict[str, Any]] = {}
         for unit in units:
             for system in self.systems:
@@ -71,12 +73,19 @@ class Collected:
             for metric in SCORE_METRICS if kind != "llm" else ("correlation",):
                 self.runs.setdefault((kind, unit.size, system, protocol, metric), []).append(
                     model_runs(result, protocol, metric))
+        tar = PROTOCOL_LABELS["tar"]
+        if unit.seed == 0 and tar in result.scores:
+            self.by_unit[(kind, unit.size, system)] = {(layer, int(r["neuron"])): 100 * _metric(r, "correlation")
+                                                       for layer, rows in result.scores[tar].items() for r in rows}
         if kind == "trained":
             self.measures.setdefault((unit.size, system), []).append(result.measures)
         for protocol, v in result.validity.items():  # per seed
             self.validity.setdefault((kind, unit.size, system, protocol), []).append(v)
+        provenance = result.summary.get("provenance") or {}
+        data = provenance.get("data") or {}
         self.inputs.append({"kind": kind, "seed": unit.seed, "size": unit.size, "system": system, "path": str(folder),
-                            "key": (result.summary.get("provenance") or {}).get("key")})
+                            "key": provenance.get("key"), "token_offset": data.get("offset", 0),
+                            "tokens_sha256": data.get("tokens_sha256")})
 
     def get(self, kind: str, size: str, system: str, protocol: str, metric: str = "correlation") -> Runs | None:
         return self.runs.get((kind, size, system, protocol, metric))

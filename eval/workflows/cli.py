@@ -79,9 +79,11 @@ def add_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--neurons", type=_count_arg, default="all", help="neurons scored per layer (default: all)")
     p.add_argument("--control-neurons", type=_count_arg, default="64",
                    help="random-init control neurons per layer (default 64; 0: no controls; all)")
-    p.add_argument("--llm-neurons", type=nonnegative_int, default=1,
-                   help="neurons per layer through SmolLM2, first seed only (default 1; 0: none)")
-    p.add_argument("--tokens", type=positive_int, default=16 * 1024, help="validation tokens recorded per model (default 16384)")
+    p.add_argument("--llm-neurons", type=nonnegative_int, default=4,
+                   help="neurons per layer through SmolLM2, first seed only: the scorer-agreement units (default 4; "
+                        "0: none)")
+    p.add_argument("--tokens", type=positive_int, default=16 * 1024,
+                   help="validation tokens recorded per model, training seed k's from token k x --tokens (default 16384)")
     p.add_argument("--documents", type=positive_int, default=None, help="use only the first N plays of the corpus (quick runs)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the neuron samples and random records (default 0)")
     p.add_argument("--jobs", type=positive_int, default=None,

@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from crate.errors import CrateError, PipelineError
-from crate.eval.report.study_layout import DEFAULT_GRID, curve_dir, grid_size, grid_steps, interpret_dir, run_dir
+from crate.eval.report.study_layout import (
+    DEFAULT_GRID, curve_dir, eval_offset, eval_slices, grid_size, grid_steps, interpret_dir, run_dir,
+)
 from crate.eval.workflows.lock import LOCK, WORKERS, folder_lock
 from crate.eval.workflows.steps import (
     ARCHS, CPU_SAE, interpret_model, log, matched_overrides, prepare_data, quiet, train_model, train_saes,
@@ -63,8 +65,8 @@ class StudyOptions:
     sae: bool = True
     neurons: int | None = None  # per layer; None: every neuron
     control_neurons: int | None = 64  # random-init controls, per layer; 0: none, None: every neuron
-    llm_neurons: int = 1  # per layer through SmolLM2, first seed only, TaR; 0: none
-    n_tokens: int = 16 * 1024  # validation tokens recorded per model
+    llm_neurons: int = 4  # per layer through SmolLM2, first seed only, TaR (the scorer-agreement units); 0: none
+    n_tokens: int = 16 * 1024  # validation tokens recorded per model: training seed k's from token k x n_tokens
     interpret_seed: int = 0  # + k for training seed k: its neuron samples, random records and control init
     n_boot: int = 2000
     overrides: list[str] = field(default_factory=list)  # model.* / train.* for every run (YAML values)
@@ -260,6 +262,9 @@ def _systems(opts: StudyOptions) -> list[str]:
 def run_unit(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float) -> None:
     """Train both archs of one (seed, size), GPT's SAEs, and score every system (trained, control, LLM sample)."""
     out = Path(opts.out)
+    from crate.eval.autointerp.protocols import get_protocol
+    from crate.train.data import open_split
+
     system = {"devices": 1, "wandb": "off", "progress_bar": False}
     checkpoints: dict[str, str] = {}
     for arch in ARCHS:
@@ -271,6 +276,7 @@ def run_unit(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float) -> None:
         checkpoints["gpt-sae"] = train_saes(Path(checkpoints["gpt"]), data_dir, t0, opts.overwrite, seed=unit.seed,
                                             seq_len=opts.context, **CPU_SAE)
     common = dict(explainer="stats", simulator="stats", seq_len=opts.context, n_tokens=opts.n_tokens,
+                  token_offset=eval_offset(unit.seed, opts.n_tokens, len(open_split(data_dir, "val"))),
                   seed=opts.interpret_seed + unit.seed, batch_size=32, n_boot=opts.n_boot, write_json=False,
                   overwrite=opts.overwrite)
     for name, ckpt in checkpoints.items():
@@ -286,12 +292,18 @@ def run_unit(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float) -> None:
     for (arch, step), folder in _curve_dirs(opts, unit).items():  # the same neuron sample at every point
         point = grid_point(run_dir(out, unit.seed, unit.size, arch), step)
         for protocol in opts.protocols:
+            # the curves read the correlation only: no detection or fuzzing, and no quantile records where the
+            # protocol scores none (their recording pass was over half of a point's time)
             interpret_model(f"{arch}-{unit.size} seed {unit.seed} at step {step}", str(point), data_dir, folder,
-                            protocol, t0, **{**common, "neurons": opts.curve_neurons})
+                            protocol, t0, **{**common, "neurons": opts.curve_neurons, "extra_scores": False,
+                                             **({} if get_protocol(protocol).quantiles else {"per_bin": 0})})
     if unit.seed == 0 and opts.llm_neurons:
         for arch in ARCHS:
+            # the LLM's planted units (written at layer 0) are checked at the first size only: at the others they
+            # would repeat the same check in another host model, at most of the LLM sample's cost
             interpret_model(f"{arch}-{unit.size} seed 0 (SmolLM2)", checkpoints[arch], data_dir,
-                            interpret_dir(out, 0, unit.size, arch, llm=True), "tar", t0, validity=True,
+                            interpret_dir(out, 0, unit.size, arch, llm=True), "tar", t0,
+                            validity=unit.size == opts.sizes[0],
                             **{**common, "explainer": "smollm2", "simulator": "smollm2", "neurons": opts.llm_neurons})
 
 
@@ -406,6 +418,13 @@ def _study(opts: StudyOptions, out: Path, command: str | None, t0: float) -> Pat
     for u in units[: len(opts.sizes)]:
         log(f"{u.size}: CRATE {u.params['crate']:,} parameters (n_hidden {u.n_hidden['crate']}) "
             f"vs GPT {u.params['gpt']:,} ({100 * (u.params['crate'] - u.params['gpt']) / u.params['gpt']:+.1f}%)", t0)
+    from crate.train.data import open_split
+
+    split = len(open_split(data_dir, "val"))
+    slices = eval_slices(opts.n_tokens, split)
+    log(f"evaluation tokens: each training seed k reads its own {opts.n_tokens:,} of the {split:,}-token validation "
+        f"split, from token k x {opts.n_tokens:,}" + (f"; the split holds {slices} such slices, so seeds k and k + "
+                                                     f"{slices} read the same tokens" if slices < opts.seeds else ""), t0)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     runs: dict[str, float] = timings.setdefault("runs", {})
