@@ -26,6 +26,7 @@ BAD = [
     (["demo", "--steps", "-5"], "--steps: must be an integer >= 1, got -5"),
     (["study", "--seeds", "0"], "--seeds: must be an integer >= 1, got 0"),
     (["study", "--llm-neurons", "-1"], "--llm-neurons: must be an integer >= 0, got -1"),
+    (["study", "--vocab-size", "0"], "--vocab-size: must be an integer >= 1, got 0"),
     (["reproduce", "--size", "1L", "--sae-steps", "0"], "--sae-steps: must be an integer >= 1, got 0"),
     # NaN and infinities printed tables of nan
     (["steer", "-c", "x", "--layer", "0", "--neuron", "0", "--value", "nan", "--prompt", "1"],
@@ -95,3 +96,17 @@ def test_overrides_are_taken_on_both_sides_of_the_options(tmp_path, capsys):
     # the second group reaches the recipe: its mistyped key is what the run refuses, before anything is written
     assert main(["train", "train.max_steps=3", "--out", str(tmp_path / "r"), "model.n_layerz=2"]) == 2
     assert "n_layerz" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_study_options_reach_the_study(monkeypatch, tmp_path):
+    """What `crate study` is given on the command line is what the study runs with (the sensitivity rows' options)."""
+    import crate.eval.workflows.study as study_module
+
+    got = []
+    monkeypatch.setattr(study_module, "study", lambda opts, command=None: got.append((opts, command)))
+    assert main(["study", "--out", str(tmp_path / "s"), "--vocab-size", "2048", "--context", "128", "--match", "width",
+                 "--tokens", "32768", "--sizes", "1L,2L", "--llm-neurons", "0"]) == 0
+    opts = got[0][0]
+    assert (opts.vocab_size, opts.context, opts.match, opts.n_tokens, opts.sizes, opts.llm_neurons) == (
+        2048, 128, "width", 32768, ["1L", "2L"], 0)
+

@@ -51,7 +51,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         return None if text in (None, "all") else int(text)
 
     opts = StudyOptions(out=Path(args.out), sizes=args.sizes.split(","), seeds=args.seeds, steps=args.steps,
-                        protocols=args.protocols.split(","), context=args.context, match=args.match, sae=not args.no_sae,
+                        protocols=args.protocols.split(","), context=args.context, vocab_size=args.vocab_size,
+                        match=args.match, sae=not args.no_sae,
                         neurons=count(args.neurons), control_neurons=count(args.control_neurons),
                         llm_neurons=args.llm_neurons, n_tokens=args.tokens, interpret_seed=args.seed,
                         overrides=args.overrides, max_documents=args.documents, overwrite=args.overwrite,
@@ -73,6 +74,8 @@ def add_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=200, help="training steps per run (default 200)")
     p.add_argument("--protocols", default="tar", help="comma-separated: tar, random, short (default: tar)")
     p.add_argument("--context", type=positive_int, default=64, help="context length of training and records (default 64)")
+    p.add_argument("--vocab-size", type=positive_int, default=512,
+                   help="BPE vocabulary trained on the embedded corpus (default 512)")
     p.add_argument("--match", choices=["params", "width"], default="params",
                    help="params: CRATE's dictionary widened to GPT's parameter count (default); width: h = 4d for both")
     p.add_argument("--no-sae", action="store_true", help="leave out GPT-SAE")
