@@ -29,6 +29,7 @@ from crate.atomic import write_bytes
 from crate.errors import CrateError
 
 STAMP = ".provenance.json"
+OWNER = ".crate-lm"  # in every folder a command writes: the mark that makes the folder ours (check_owned)
 
 
 class ProvenanceError(CrateError):
@@ -179,18 +180,33 @@ def refuse(what: str, where: str | os.PathLike, diffs: list[str], flag: str) -> 
         f"{flag} to discard them and recompute")
 
 
-def check_owned(folder: str | os.PathLike, ours: Iterable[str], flag: str = "another output folder") -> None:
-    """Refuse to write into an existing, non-empty folder that holds none of the files we would have written."""
+def claim(folder: str | os.PathLike) -> Path:
+    """Create `folder` if needed and mark it as crate-lm's (`OWNER`, once): what `check_owned` reads on a rerun."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    mark = folder / OWNER
+    if not mark.exists():
+        from crate import __version__
+
+        write_bytes(mark, (json.dumps({"writer": "crate-lm", "crate_version": __version__}) + "\n").encode())
+    return folder
+
+
+def check_owned(folder: str | os.PathLike, flag: str = "another output folder") -> None:
+    """Refuse to write into an existing, non-empty folder that crate-lm has not marked as its own (`claim`), itself
+    or in a folder above it (a pipeline's folders inside its own): judged by the mark we write, never by the names
+    of the files in it."""
     folder = Path(folder)
     if not folder.is_dir():
         if folder.exists():
             raise ProvenanceError(f"{folder} exists and is not a folder: choose {flag}")
         return
-    entries = [e.name for e in folder.iterdir()]
-    if entries and not any(name in entries for name in ours):
+    entries = sorted(e.name for e in folder.iterdir())
+    if entries and not any((p / OWNER).is_file() for p in (folder, *folder.resolve().parents)):
         raise ProvenanceError(
-            f"{folder} is not empty and holds nothing that crate-lm wrote there ({', '.join(sorted(entries)[:5])}"
-            f"{'...' if len(entries) > 5 else ''}); we never write over files we did not write: choose {flag}")
+            f"{folder} is not empty and crate-lm has not marked it as its own (no {OWNER} among "
+            f"{', '.join(entries[:5])}{'...' if len(entries) > 5 else ''}); we never write over files we did not write: "
+            f"choose {flag} (a folder an earlier crate-lm wrote has no mark: `touch {folder / OWNER}` adopts it)")
 
 
 def check_tokenizers(model_tokenizer: Mapping[str, Any] | None, manifest: Mapping[str, Any], model_label: str,
@@ -221,5 +237,5 @@ def prepare_flags(tokenizer_name: str | None) -> str:
 
 
 __all__ = ["ProvenanceError", "canonical", "digest", "tensors_hash", "weights_hash", "file_hash", "tree_hash",
-           "differences", "read_stamp", "write_stamp", "check_stamp", "refuse", "check_owned", "check_tokenizers",
-           "describe", "prepare_flags", "STAMP"]
+           "differences", "read_stamp", "write_stamp", "check_stamp", "refuse", "check_owned", "claim", "check_tokenizers",
+           "describe", "prepare_flags", "STAMP", "OWNER"]

@@ -289,8 +289,8 @@ def test_prepare_writes_only_where_it_owns(tmp_path: Path) -> None:
     user.mkdir()
     (user / "train-00000.bin").write_bytes(b"user data")  # the user's own shards, no manifest
     for kw in ({}, {"overwrite": True}):
-        with pytest.raises(DataError, match=r"--out: \S+mine is not empty and holds nothing that crate-lm wrote there "
-                                            r"\(train-00000.bin\).*choose another --out"):
+        with pytest.raises(DataError, match=r"--out: \S+mine is not empty and crate-lm has not marked it as its own "
+                                            r"\(no .crate-lm among train-00000.bin\).*choose another --out"):
             P.prepare("embedded", user, **SMALL, **kw)
     assert sorted(p.name for p in user.iterdir()) == ["train-00000.bin"]
     assert (user / "train-00000.bin").read_bytes() == b"user data"
@@ -323,7 +323,7 @@ def test_a_recipe_never_overwrites_what_it_did_not_write(tmp_path: Path, capsys)
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "val-00000.bin").write_bytes(b"x")
-    with pytest.raises(DataError, match="holds nothing that crate-lm wrote.*choose another data.path"):
+    with pytest.raises(DataError, match="has not marked it as its own.*choose another data.path"):
         ensure_data(cfg(shards), progress=False)
     assert [p.name for p in shards.iterdir()] == ["val-00000.bin"]
     # prepared when missing; then reused with the same inputs, refused with others, used as it is without a source

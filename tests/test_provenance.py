@@ -134,7 +134,7 @@ def test_report_refuses_a_folder_that_mixes_provenances(tmp_path, model):
 
 def test_out_folder_of_someone_else_is_refused(tmp_path, model):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ProvenanceError, match="holds nothing that crate-lm wrote"):
+    with pytest.raises(ProvenanceError, match="has not marked it as its own"):
         _run(tmp_path, model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
@@ -339,3 +339,52 @@ def test_a_stamp_names_the_cpu_capability_outside_the_key(tmp_path):
     stamp["cpu_capability"] = "NO AVX"
     (tmp_path / ".provenance.json").write_text(json.dumps(stamp))
     assert check_stamp(tmp_path, identity) == ("reuse", [])
+
+
+def test_a_folder_is_ours_by_the_mark_we_write_never_by_file_names(tmp_path, model):
+    """A user's folder holding files named as ours (index.md, summary.md, study.json, steer_sweep.md) is refused by
+    every command that writes a folder, before any work and whatever --overwrite says; a folder crate-lm wrote carries
+    its mark (crate.provenance.claim) and is written again freely."""
+    from crate.eval.report.reproduction import write_report
+    from crate.eval.steer.sweep import SweepConfig, sweep_files
+    from crate.eval.workflows.demo import DemoOptions, demo
+    from crate.eval.workflows.reproduce import ReproduceOptions, reproduce
+    from crate.eval.workflows.study import StudyOptions, study
+    from crate.errors import PipelineError
+    from crate.provenance import OWNER, check_owned, claim
+
+    def users(name: str, *files: str):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in files:
+            (folder / f).write_text("mine")
+        return folder
+
+    ours = tmp_path / "ours"
+    _run(ours, model)  # interpret marks its folder
+    assert (ours / OWNER).is_file() and json.loads((ours / OWNER).read_text())["writer"] == "crate-lm"
+    attempts = {
+        "interpret": (users("i", "summary.md", "summary.json"), lambda out: _run(out, model, overwrite=True)),
+        "report": (users("r", "index.md", "main_table.csv"), lambda out: write_report([ours], out)),
+        "sweep": (users("s", "steer_sweep.md"), lambda out: sweep_files({"m": str(tmp_path / "none")}, tmp_path, out,
+                                                                           SweepConfig())),
+        "demo": (users("d", "index.md"), lambda out: demo(DemoOptions(out=out, steps=2))),
+        "study": (users("st", "study.json", "index.md"), lambda out: study(StudyOptions(out=out, overwrite=True))),
+    }
+    for what, (folder, run) in attempts.items():
+        before = sorted(p.name for p in folder.iterdir())
+        with pytest.raises(ProvenanceError, match=f"crate-lm has not marked it as its own .no {OWNER} among"):
+            run(folder)
+        assert sorted(p.name for p in folder.iterdir()) == before, what
+        assert all((folder / f).read_text() == "mine" for f in before), what
+    with pytest.raises(PipelineError, match="--out: .* has not marked it as its own"):
+        reproduce(ReproduceOptions(out=users("rp", "index.md"), source="embedded", dry_run=True))
+    # the mark makes a folder ours: the report writes into one it marked, and again
+    report = write_report([ours], tmp_path / "report")
+    assert (tmp_path / "report" / OWNER).is_file() and write_report([ours], tmp_path / "report") == report
+    check_owned(claim(tmp_path / "new" / "nested"))  # created and marked; an empty folder needs no mark
+    check_owned(users("empty"))
+    (ours / "records" / "0" / "notes.txt").write_text("x")  # inside a marked folder: ours
+    check_owned(ours / "records" / "0")
+    with pytest.raises(ProvenanceError, match="exists and is not a folder"):
+        check_owned(tmp_path / "ours" / "summary.json")

@@ -165,6 +165,6 @@ def test_sweep_never_writes_into_a_folder_of_other_files(tmp_path):
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "notes.txt").write_text("mine")
-    with pytest.raises(ProvenanceError, match=r"holds nothing that crate-lm wrote there \(notes.txt\)"):
+    with pytest.raises(ProvenanceError, match=r"has not marked it as its own \(no .crate-lm among notes.txt\)"):
         sweep_files({"crate": str(tmp_path / "no-ckpt")}, tmp_path / "no-data", theirs, SweepConfig())
     assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]

@@ -206,17 +206,21 @@ def test_mismatched_resume_bad_shards_eval_export(data_dir: Path, tmp_path: Path
 
 def test_a_run_never_writes_into_a_folder_of_other_files(tmp_path: Path) -> None:
     """--out of someone else's files (or their own config.yaml) is refused before any data is read or prepared."""
-    from crate.provenance import ProvenanceError
+    from crate.provenance import OWNER, ProvenanceError
 
     theirs, other_cfg = tmp_path / "theirs", tmp_path / "cfg"
     theirs.mkdir(), other_cfg.mkdir()
     (theirs / "notes.txt").write_text("mine")
     (other_cfg / "config.yaml").write_text("lr: 3\n")
     no_data = tmp_path / "no-data"  # were the data looked at first, this would fail otherwise
-    with pytest.raises(ProvenanceError, match=r"holds nothing that crate-lm wrote there \(notes.txt\)"):
-        train(recipe(no_data), out=theirs, progress=False)
+    for folder, names in ((theirs, "notes.txt"), (other_cfg, "config.yaml")):  # their own config.yaml too
+        with pytest.raises(ProvenanceError, match=rf"has not marked it as its own \(no .crate-lm among {names}\)"):
+            train(recipe(no_data), out=folder, progress=False)
+    # a config.yaml that crate train did not write, in a folder marked as ours: refused all the same
+    (other_cfg / OWNER).write_text("")
     with pytest.raises(ConfigError, match="config.yaml was not written by crate train"):
         train(recipe(no_data), out=other_cfg, progress=False)
+    (other_cfg / OWNER).unlink()
     assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"] and (theirs / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in other_cfg.iterdir()) == ["config.yaml"]
     assert (other_cfg / "config.yaml").read_text() == "lr: 3\n" and not no_data.exists()

@@ -161,7 +161,7 @@ def test_a_launch_clears_what_killed_ones_left(data_dir: Path, tmp_path: Path) -
     resumed = load_recipe("tiny-crate", overrides(data_dir, train__max_steps=10, train__ckpt_every=2, train__ckpt_keep=2))
     train(resumed, out=run, progress=False)  # resumes last.ckpt (step 6)
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step-0000008.ckpt", "step-0000010.ckpt"]
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "final", "metrics.csv"]
+    assert sorted(p.name for p in run.iterdir()) == [".crate-lm", "checkpoints", "config.yaml", "final", "metrics.csv"]
     assert ckpt_step(ckpts / "step-0000008.ckpt") == 8
     losses = rows(run, "train/loss")
     assert [s for s, _ in losses] == list(range(1, 11)) and all(v != 999.0 for _, v in losses)

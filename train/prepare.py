@@ -237,15 +237,18 @@ def _nothing_done(out: Path, state: dict[str, Any]) -> bool:
 
 
 def check_out_dir(out: Path, setting: str = "--out") -> None:
-    """Refuse a folder that `prepare` must not write into: one that holds anything but its own output
-    (manifest.json, or progress.json of an interrupted run). A new or empty folder is fine."""
+    """Refuse a folder that `prepare` must not write into: a new or empty one is fine, and so is one that crate-lm
+    marked (crate.provenance.claim) or whose manifest.json or progress.json (of an interrupted run) `prepare` wrote,
+    the stamps it writes first; it only ever writes and replaces its own files there."""
     from crate.provenance import ProvenanceError, check_owned
 
+    stamps = [path for path in (out / MANIFEST, out / PROGRESS) if path.is_file()]
+    for path in stamps:
+        if not _written_by_prepare(path):
+            raise DataError(f"{setting}: {path} was not written by `crate prepare`: choose another {setting}")
     try:
-        check_owned(out, (MANIFEST, PROGRESS), flag=f"another {setting} (a new or empty folder)")
-        for path in (out / MANIFEST, out / PROGRESS):
-            if path.is_file() and not _written_by_prepare(path):
-                raise DataError(f"{setting}: {path} was not written by `crate prepare`: choose another {setting}")
+        if not stamps:
+            check_owned(out, flag=f"another {setting} (a new or empty folder)")
     except ProvenanceError as e:
         if not any(p.suffix in LOCAL_SUFFIXES for p in out.rglob("*") if p.is_file()):
             raise DataError(f"{setting}: {e}") from None
@@ -302,7 +305,9 @@ def prepare(
         from crate.train.corpus import local_files
 
         local_files(source)  # fail early on a bad path
-    out.mkdir(parents=True, exist_ok=True)
+    from crate.provenance import claim
+
+    claim(out)
     if not state:  # from the first file on, the folder is recognisably ours (check_out_dir)
         _write_json(out / PROGRESS, {"args": args})
 

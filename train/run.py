@@ -40,12 +40,11 @@ from crate.atomic import write_bytes
 from crate.config import ModelConfig
 from crate.errors import CheckpointError, ConfigError, DataError
 from crate.loading import model_from_state, read_checkpoint_identity
-from crate.provenance import STAMP, check_owned
+from crate.provenance import check_owned, claim
 from crate.train.callbacks import Interrupted, MetricsCSV, Preemption, StepMetrics, ValidationLog
 from crate.train.checkpoint_io import AtomicCheckpointIO, check_resume, recovery_advice, tidy_run_folder
 from crate.train.config import RunConfig, load_recipe
 from crate.train.export import GridExport, export_model
-from crate.train.grid import GRID
 from crate.train.flops import flops_per_token, peak_flops
 
 
@@ -159,13 +158,10 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-RUN_OUTPUTS = ("config.yaml", "metrics.csv", "checkpoints", "final", GRID, STAMP)
-
-
 def _check_new_run_dir(run_dir: Path) -> None:
     """A run writes config.yaml, metrics.csv, checkpoints/ and final/ into its folder: a new or empty one, or one of
     our runs (its config.yaml has the `resolved` section `train` writes), never a folder of files we did not write."""
-    check_owned(run_dir, RUN_OUTPUTS, "another --out")
+    check_owned(run_dir, "another --out")
     cfg = run_dir / "config.yaml"
     if cfg.is_file():
         try:
@@ -321,7 +317,7 @@ def _write_run_config(cfg: RunConfig, run_dir: Path, ckpt_path: Path | None, inp
                       resumed: dict[str, Any], world: int, accum: int, tokens_per_step: int) -> None:
     """config.yaml: the recipe, what it resolved to and the history of resumes; then (rank 0) the run folder
     cleared of what killed launches left."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim(run_dir)
     resolved = cfg.to_dict()
     resolved["resolved"] = {"model": inputs.model_cfg.to_dict(), "context": inputs.context, "world_size": world,
                             "accumulation": accum, "tokens_per_step": tokens_per_step, "tokenizer": inputs.tok_id,

@@ -15,12 +15,12 @@ from typing import Any
 
 from crate.errors import CrateError
 from crate.eval.autointerp.config import InterpretConfig
-from crate.eval.autointerp.interpret import OUTPUTS, Validate, execute_plan, plan_interpret
+from crate.eval.autointerp.interpret import Validate, execute_plan, plan_interpret
 from crate.eval.autointerp.summary import summary_markdown, write_json
 from crate.eval.stats.neurons import compare_models
 from crate.eval.validity.estimands import density_mix, density_reweighted
 from crate.eval.validity.flags import comparison_flags
-from crate.provenance import canonical, check_owned
+from crate.provenance import canonical, check_owned, claim
 
 
 def run_compare(checkpoints: dict[str, str | Path], data_dir: str | Path, out_dir: str | Path,
@@ -37,13 +37,14 @@ def run_compare(checkpoints: dict[str, str | Path], data_dir: str | Path, out_di
     if controls:
         runs.update({f"{name}-control": (ckpt, InterpretConfig(**{**cfg.to_dict(), "control": True}))
                      for name, ckpt in checkpoints.items()})
-    check_owned(out, (*OUTPUTS, *runs))
+    check_owned(out)
     plans = {name: plan_interpret(ckpt, data_dir, out / name, c, overwrite=overwrite, name=name, say_tokens=i == 0)
              for i, (name, (ckpt, c)) in enumerate(runs.items())}  # the same tokens for all: said once
     tokens = {name: p.provenance["data"]["tokens_sha256"] for name, p in plans.items()}
     if len(set(tokens.values())) > 1:
         raise CrateError(f"the models would be recorded on different tokens ({tokens}): a paired comparison needs "
                          f"one data directory and one --tokens / --seq-len for all")
+    claim(out)  # before its models' folders: the comparison's own files go beside them
     results = {name: execute_plan(plan, None if name.endswith("-control") else validate) for name, plan in plans.items()}
     comparison = {}
     names = [n for n in results if not n.endswith("-control")] + [n for n in results if n.endswith("-control")]

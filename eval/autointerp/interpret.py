@@ -124,13 +124,8 @@ from crate.eval.autointerp.summary import summarise_layers, summary_markdown, wr
 from crate.eval.models import checkpoint_fields, load_model, model_label, reset_weights
 from crate.eval.progress import Progress, say
 from crate.provenance import (
-    canonical, check_owned, check_stamp, check_tokenizers, differences, digest, read_stamp, refuse, write_stamp,
+    canonical, check_owned, check_stamp, check_tokenizers, claim, differences, digest, read_stamp, refuse, write_stamp,
 )
-
-
-# What a result folder holds that we wrote: anything else in a non-empty --out folder means it is not ours.
-OUTPUTS = ("provenance.json", "summary.json", "summary.md", "scores", "records", "records-short", "llm_cache.sqlite",
-           "validity")
 
 
 def _check_dependents(out: Path, records_dir: Path, rec_id: dict[str, Any], protocol: Protocol,
@@ -222,7 +217,7 @@ def plan_interpret(checkpoint: str | Path | None, data_dir: str | Path | None, o
     protocol = get_protocol(cfg.protocol)
     check_schedule(cfg)
     out = Path(out_dir)
-    check_owned(out, OUTPUTS)
+    check_owned(out)
     model, stream, token_strings, manifest = _load_inputs(checkpoint, data_dir, cfg, model, stream, token_strings)
     layer_names, neurons = select_neurons(model, cfg)
     spec = recording_spec(cfg, protocol)
@@ -278,7 +273,7 @@ def execute_plan(plan: InterpretPlan, validate: Validate | None = None) -> dict[
         if path.parent == out / "scores":  # the scorer's checks made from those scores go with them (the planted
             for name in ("validity.json", "validity.md"):  # units' run stays: its own provenance decides its reuse)
                 (out / "validity" / path.name / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out)
     records_dir = out / plan.protocol.records
     scores_dir = out / "scores" / plan.protocol.name
     progress = Progress(cfg.progress)
@@ -317,4 +312,4 @@ def run_interpret(checkpoint: str | Path | None, data_dir: str | Path | None, ou
                                        overwrite=overwrite, name=name), validate)
 
 
-__all__ = ["OUTPUTS", "Validate", "plan_interpret", "execute_plan", "run_interpret"]
+__all__ = ["Validate", "plan_interpret", "execute_plan", "run_interpret"]

@@ -155,12 +155,10 @@ def write_browser(
             "of `crate interpret` (it holds records/<layer>/<neuron>.json and scores/<protocol>/<layer>.jsonl)"
         )
     out = Path(out)
-    from crate.provenance import check_owned
+    from crate.provenance import check_owned, claim
 
-    check_owned(out, ("index.html",), "another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / "data" / "index.js").is_file():
-        raise ReportError(f"{out} holds an index.html that is not a neuron browser of ours: choose another --out")
-    data = out / "data"
+    check_owned(out, "another --out")
+    data = claim(out) / "data"
     if data.exists():
         shutil.rmtree(data)
     data.mkdir(parents=True)

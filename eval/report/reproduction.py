@@ -29,7 +29,7 @@ from crate.eval.report.reproduction_tables import (
     sound_table, val_loss_table,
 )
 from crate.eval.report.scorer_validity import validity_section
-from crate.eval.report.results import REPORT_CSVS, ModelResult, ReportError, discover, read_json
+from crate.eval.report.results import ModelResult, ReportError, discover, read_json
 from crate.eval.report.tables import slug
 
 
@@ -92,10 +92,9 @@ def _score_sections(results: list[ModelResult], out: Path, seed: int, n_boot: in
     return index
 
 
-def write_report(paths: list[str | Path], out: str | Path, seed: int = 0, n_boot: int = N_BOOT,
-                 owned: bool = False) -> Path:
+def write_report(paths: list[str | Path], out: str | Path, seed: int = 0, n_boot: int = N_BOOT) -> Path:
     """Write every table and plot for the results and runs found under `paths` into `out`; returns index.md.
-    `out` must be new, empty or an earlier report (`owned`: a pipeline's own folder, checked by its caller)."""
+    `out` must be new, empty or crate-lm's (crate.provenance.check_owned: an earlier report, a pipeline's folder)."""
     results, runs = discover(paths)
     if not results and not runs:
         raise ReportError(
@@ -103,12 +102,10 @@ def write_report(paths: list[str | Path], out: str | Path, seed: int = 0, n_boot
             f"(metrics CSV with a validation-loss column) under {', '.join(map(str, paths))}: "
             f"run `crate interpret` / `crate train` first, or point at their output folders"
         )
-    out = Path(out)
-    if not owned:
-        from crate.provenance import check_owned
+    from crate.provenance import check_owned, claim
 
-        check_owned(out, ("index.md", *REPORT_CSVS), "another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    check_owned(out, "another --out")
+    out = claim(out)
     index = ["# crate-lm reproduction report", ""]
     index.append(f"Inputs: {len(results)} interpretability result(s), {len(runs)} training run(s).")
     index.append("")

@@ -192,10 +192,9 @@ def sweep_plot(result: dict[str, Any], path: Path) -> Path:
 
 def write_sweep(result: dict[str, Any], out: str | Path) -> Path:
     from crate.atomic import write_bytes
-    from crate.provenance import canonical
+    from crate.provenance import canonical, claim
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim(out)
     write_bytes(out / RESULT, json.dumps(canonical(result), indent=1).encode())  # NaN -> null, value by value
     (out / "steer_sweep.md").write_text(sweep_markdown(result))
     sweep_plot(result, out / "steer_sweep.png")
@@ -206,12 +205,12 @@ def sweep_files(checkpoints: dict[str, str], data_dir: str | Path, out: str | Pa
                 split: str = "val") -> dict[str, Any]:
     """`crate steer --sweep`: load every checkpoint (DIR or DIR+SAE), check the data's tokenizer, sweep, write."""
     from crate.eval.models import load_model
-    from crate.provenance import STAMP, check_owned, check_tokenizers
+    from crate.provenance import check_owned, check_tokenizers
     from crate.datadir import read_manifest
     from crate.train.data import open_split
 
     cfg.validate()
-    check_owned(out, (RESULT, "steer_sweep.md", "steer_sweep.png", STAMP), "another --out")
+    check_owned(out, "another --out")
     manifest = read_manifest(data_dir)
     models = {}
     for name, ckpt in checkpoints.items():

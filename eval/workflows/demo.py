@@ -45,7 +45,6 @@ class DemoOptions:
     overwrite: bool = False  # discard outputs in `out` that other settings produced (otherwise refused)
 
 
-DEMO_OUTPUTS = ("data", "runs", "interpret", "interpret-smollm2", "index.md", "browser", "steer-sweep")
 DEMO_SAE = {**CPU_SAE, "seq_len": 128}
 
 
@@ -67,14 +66,14 @@ def _start(opts: DemoOptions, out: Path, steps: int, t0: float) -> None:
     """Refuse a foreign --out and a missing LLM before any work; quiet Lightning; say what is coming."""
     import torch
 
-    from crate.provenance import check_owned
+    from crate.provenance import check_owned, claim
 
-    check_owned(out, DEMO_OUTPUTS, "another --out")
+    check_owned(out, "another --out")
     if opts.llm:  # before any training: a missing LLM must not cost the whole run
         from crate.eval.llm.registry import check_llm
 
         check_llm("smollm2")
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out)
     quiet()
     log(f"crate demo: tiny CRATE vs tiny GPT on the embedded Shakespeare corpus, {steps} steps each, "
         f"{torch.get_num_threads()} CPU threads, output in {out}", t0)
@@ -141,7 +140,7 @@ def _report(opts: DemoOptions, out: Path, t0: float) -> dict[str, Path]:
     interp = out / "interpret"
     log("report: tables and plots", t0)
     index = write_report([out / "runs", interp, out / "steer-sweep"] + ([out / "interpret-smollm2"] if opts.llm else []),
-                         out, seed=opts.seed, owned=True)
+                         out, seed=opts.seed)
     paths = {"report": index.resolve()}
     if opts.browser:
         from crate.eval.report.browser import write_browser

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from crate.errors import CrateError, PipelineError
+from crate.provenance import check_owned, claim
 from crate.eval.workflows.steps import (
     ARCHS, interpret_model, log, prepare_data, print_main_table, print_verdict_flags, steering_sweep, train_model,
     train_saes,
@@ -96,6 +97,7 @@ def preflight(opts: ReproduceOptions, data_dir: Path, source: str) -> list[str]:
         except CrateError as e:
             problems.append(f"{what}: {e}")
 
+    check("--out", check_owned, Path(opts.out), "another --out")
     check("recipes", _recipes, opts, data_dir, source)
     for p in opts.protocols:
         check(f"protocol {p!r}", get_protocol, p)
@@ -129,6 +131,7 @@ def reproduce(opts: ReproduceOptions) -> Path:
         raise PipelineError("the plan cannot run; nothing was done:\n  - " + "\n  - ".join(problems))
     if opts.dry_run:
         return out
+    claim(out)
     recipes = _recipes(opts, data_dir, source)
     data_dir = prepare_data(source, data_dir, opts.tokenizer, 512, t0, overwrite=opts.overwrite)
     for size in opts.sizes:

@@ -99,7 +99,7 @@ def train_model(name: str, model: dict[str, Any], data: dict[str, Any], train: d
     and data is reused (or resumed when unfinished); one of another recipe is refused, or discarded with `overwrite`."""
     import shutil
 
-    from crate.provenance import check_stamp, describe, refuse, write_stamp
+    from crate.provenance import OWNER, check_owned, check_stamp, claim, describe, refuse, write_stamp
     from crate.train.config import RunConfig
     from crate.datadir import read_manifest
     from crate.train.run import train as run_train
@@ -109,9 +109,10 @@ def train_model(name: str, model: dict[str, Any], data: dict[str, Any], train: d
     identity = {"stage": "train", "recipe": {k: raw[k] for k in ("model", "data", "train")},
                 "data_manifest": _manifest_identity(read_manifest(data["path"])) if data.get("path") else None}
     final = run_dir / "final"
+    check_owned(run_dir, "another run folder")  # a folder crate-lm did not write is never discarded, --overwrite or not
     status, diffs = check_stamp(run_dir, identity)
-    if status == "new" and run_dir.exists() and any(run_dir.iterdir()):
-        status, diffs = "stale", ["a run folder without provenance (an older crate-lm, or not ours)"]
+    if status == "new" and run_dir.exists() and any(p.name != OWNER for p in run_dir.iterdir()):
+        status, diffs = "stale", ["a run folder without provenance"]
     if status == "stale":
         if not overwrite:
             refuse("a training run", run_dir, diffs, "--overwrite")
@@ -120,8 +121,7 @@ def train_model(name: str, model: dict[str, Any], data: dict[str, Any], train: d
     if status == "reuse" and (final / "config.json").is_file():
         log(f"train {name}: {final} reused (same recipe and data)", t0)
         return final
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_stamp(run_dir, "train", identity)
+    write_stamp(claim(run_dir), "train", identity)
     log(f"train {name}: {train.get('max_steps')} steps into {run_dir}"
         f"{' (resuming)' if (run_dir / 'checkpoints' / 'last.ckpt').is_file() else ''}", t0)
     summary = run_train(cfg, out=run_dir, progress=progress)

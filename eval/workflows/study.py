@@ -36,7 +36,7 @@ from crate.errors import CrateError, PipelineError
 from crate.eval.report.study_layout import (
     DEFAULT_GRID, curve_dir, eval_offset, eval_slices, grid_size, grid_steps, interpret_dir, run_dir,
 )
-from crate.eval.workflows.lock import LOCK, WORKERS, folder_lock
+from crate.eval.workflows.lock import folder_lock
 from crate.eval.workflows.steps import (
     ARCHS, CPU_SAE, interpret_model, log, matched_overrides, prepare_data, quiet, train_model, train_saes,
 )
@@ -45,8 +45,6 @@ from crate.train.grid import grid_point
 
 STUDY_SIZES = ("1L", "2L", "3L")
 MATCHES = ("params", "width")
-STUDY_OUTPUTS = ("data", "runs", "interpret", "interpret-smollm2", "curves", "timings.json", "index.md", "study.json",
-                 "plots", "tables", LOCK, WORKERS)
 # Per run: 200 steps of 32 x 64 tokens (410k tokens, about 1/3 of the corpus) at the demo's rates.
 STUDY_TRAIN = {"batch_size": 32, "micro_batch_size": 32, "lr": 3e-3, "min_lr": 3e-4, "val_batches": 4,
                "final_val_batches": 8}
@@ -392,14 +390,15 @@ def _run_units(opts: StudyOptions, units: list[Unit], data_dir: Path, t0: float,
 def study(opts: StudyOptions, command: str | None = None) -> Path:
     """Run (or resume) the whole study and write its report; returns <out>/index.md. One study runs in a folder at
     a time (a lock that its workers hold too)."""
-    from crate.provenance import check_owned
+    from crate.provenance import check_owned, claim
 
     t0 = time.perf_counter()
     out = Path(opts.out)
-    check_owned(out, STUDY_OUTPUTS, "another --out")
+    check_owned(out, "another --out")
     problems = preflight(opts)
     if problems:
         raise PipelineError("the study cannot run; nothing was done:\n  - " + "\n  - ".join(problems))
+    claim(out)
     with folder_lock(out, "crate study"):
         return _study(opts, out, command, t0)
 
