@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sae": ("crate.eval.sae.cli", "sparse autoencoders on a model's neurons (GPT-SAE): train, metrics"),
     "steer": ("crate.eval.steer.cli", "clamp one neuron at every position; top next tokens before and after "
               "(--sweep: the steering measurement over sampled units and clamp values)"),
+    "compare": ("crate.eval.compare.cli", "CKA and model stitching between checkpoints (CRATE vs GPT, seed vs seed)"),
     "report": ("crate.eval.report.cli", "the paper's tables and figures from interpret results and training runs"),
     "browse": ("crate.eval.report.cli", "write a static HTML neuron browser for interpret results"),
     "demo": ("crate.eval.workflows.cli",

@@ -2,7 +2,8 @@
 
 - the core (`crate`, `crate.kernels`) imports nothing from `crate.train` or `crate.eval`;
 - `crate.train` imports only the core;
-- the analysis parts of `crate.eval` import the core, the data access of `crate.train` and `crate.eval`;
+- the analysis parts of `crate.eval` import the core, the data access of `crate.train` (its data, and the grid
+  of checkpoints a run leaves) and `crate.eval`;
 - reports (`crate.eval.report`) and workflows (`crate.eval.workflows`) are imported only by command handlers
   (`*.cli` modules), by workflows, and (reports) by other reports;
 - no two modules import each other, directly or through others.
@@ -19,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"crate": "crate", "crate.kernels": "kernels", "crate.train": "train", "crate.eval": "eval"}
-DATA_ACCESS = ("crate.train.data", "crate.train.datamodule")
+DATA_ACCESS = ("crate.train.data", "crate.train.datamodule", "crate.train.grid")  # what a run left, read
 TOP = ("crate.eval.report", "crate.eval.workflows")
 
 

@@ -16,6 +16,7 @@ from crate.eval.report.study_scores import model_runs
 from crate.eval.report.tables import Table
 from crate.eval.stats.matched import matched_pair
 from crate.eval.stats.seeds import clean_runs, model_statistic
+from crate.train.grid import grid_point
 
 Point = tuple[int, float, float]  # (step, validation loss, score x100 of the neuron sample)
 ARCHS = ("crate", "gpt")
@@ -41,7 +42,7 @@ def read_curves(out: Path, units: list[Any], steps: list[int],
                 if not (folder / "scores").is_dir():
                     raise PipelineError(f"{folder} has no scores: run `crate study` with the same options to finish it")
                 result = load_model_result(folder)
-                loss = _val_loss(run_dir(out, unit.seed, unit.size, arch) / "grid" / f"step-{step:07d}")
+                loss = _val_loss(grid_point(run_dir(out, unit.seed, unit.size, arch), step))
                 for protocol in protocols:
                     clean = clean_runs([model_runs(result, protocol, "correlation")], "mean")
                     paths[protocol].append((step, loss, model_statistic(clean[0], "mean") if clean else math.nan))
