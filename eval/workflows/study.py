@@ -259,10 +259,10 @@ def _systems(opts: StudyOptions) -> list[str]:
 
 def run_unit(opts: StudyOptions, unit: Unit, data_dir: Path, t0: float) -> None:
     """Train both archs of one (seed, size), GPT's SAEs, and score every system (trained, control, LLM sample)."""
-    out = Path(opts.out)
     from crate.eval.autointerp.protocols import get_protocol
     from crate.train.data import open_split
 
+    out = Path(opts.out)
     system = {"devices": 1, "wandb": "off", "progress_bar": False}
     checkpoints: dict[str, str] = {}
     for arch in ARCHS:
